@@ -1,0 +1,69 @@
+"""Checkpoints: written by rank 0 only, atomically (temp file, fsync, rename), read with weights_only=True."""
+
+import os
+from pathlib import Path
+
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used for this run; the message is one line."""
+
+
+def directory(out_dir: str) -> Path:
+    """Where last.pt and best.pt live."""
+    return Path(out_dir) / "checkpoints"
+
+
+def save(state: dict, path: Path) -> None:
+    """Write state to path so that a crash at any moment leaves either the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load(path: str | Path) -> dict:
+    """Read a checkpoint onto the CPU; only tensors and plain Python types are accepted."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}): "
+                              f"it is corrupt or not a senet-job checkpoint") from None
+
+
+def resume_path(resume: str, out_dir: str) -> Path | None:
+    """The checkpoint to continue from (None: start fresh), following train.resume.
+
+    `never` refuses an out_dir that already holds a checkpoint, so that nothing trained is overwritten.
+    """
+    last = directory(out_dir) / "last.pt"
+    if resume == "auto":
+        return last if last.is_file() else None
+    if resume == "never":
+        if last.is_file():
+            raise CheckpointError(f"{out_dir} already holds a checkpoint ({last}); use train.resume=auto to "
+                                  f"continue it or choose another train.out_dir")
+        return None
+    if not Path(resume).is_file():
+        raise CheckpointError(f"train.resume: checkpoint not found: {resume}")
+    return Path(resume)
+
+
+def check_model(state: dict, model_config: dict, path: Path) -> None:
+    """Refuse a checkpoint of a different model shape with one line that says what differs."""
+    saved = state.get("config", {}).get("model", {})
+    diff = [f"{k}={saved.get(k)} (config says {v})" for k, v in model_config.items() if saved.get(k) != v]
+    if diff:
+        raise CheckpointError(f"checkpoint {path} is for another model: " + ", ".join(diff))

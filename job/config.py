@@ -1,0 +1,266 @@
+"""The job's configuration: typed dataclasses (the one source of defaults), YAML files, key=value overrides.
+
+Every check lives here and runs before any work starts; a bad value raises ConfigError with one line
+that names the key.
+"""
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration mistake; its message is one line meant for the user."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    depth: int = 18
+    """SENet depth: 18 (blocks 2,2,2,2) or 34 (3,4,6,3)."""
+    width: int = 64
+    """Channels of the stem and first stage; later stages use 2x, 4x, 8x."""
+    reduction: int = 16
+    """Squeeze-and-excitation reduction ratio."""
+
+    def __post_init__(self):
+        _require(self.depth in (18, 34), f"model.depth must be 18 or 34, got {self.depth}")
+        _require(self.width >= 1, f"model.width must be >= 1, got {self.width}")
+        _require(self.reduction >= 1, f"model.reduction must be >= 1, got {self.reduction}")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    source: str = "cifar10"
+    """cifar10 (files under root) or synthetic (a generated, learnable stand-in of the same shapes)."""
+    root: str = "data"
+    """Directory that holds (or will hold) cifar-10-batches-py/."""
+    download: bool = False
+    """Download CIFAR-10 into root if missing (local rank 0 of each node; the others wait)."""
+    verify: bool = True
+    """Check the md5 of each standard CIFAR-10 file; false accepts a re-encoded copy."""
+    url: str = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+    """Where to download the archive from (a local mirror, say)."""
+    md5: str = "c58f30108f718f92721af3b95e74349a"
+    """md5 of the archive at url."""
+    val_size: int = 5000
+    """Training images held out for validation (a fixed split, taken first); 0 = no validation."""
+    train_subset: int | None = None
+    """Train on only the first N images left after the validation split (quick runs)."""
+    test_subset: int | None = None
+    """Test on only the first N test images (quick runs)."""
+    cutout: int = 0
+    """Side of a square cut out of each training image; 0 = off."""
+
+    def __post_init__(self):
+        _require(self.source in ("cifar10", "synthetic"),
+                 f"data.source must be cifar10 or synthetic, got {self.source!r}")
+        _require(0 <= self.val_size < 50000, f"data.val_size must be in [0, 50000), got {self.val_size}")
+        for key in ("train_subset", "test_subset"):
+            value = getattr(self, key)
+            _require(value is None or value >= 1, f"data.{key} must be >= 1 or null, got {value}")
+        _require(0 <= self.cutout <= 32, f"data.cutout must be in [0, 32], got {self.cutout}")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    epochs: int = 200
+    """Passes over the training set."""
+    batch_size: int = 512
+    """Global batch size, split evenly over the ranks."""
+    lr: float = 0.1
+    """Peak learning rate at ref_batch_size; the job scales it linearly to batch_size."""
+    ref_batch_size: int = 128
+    """The batch size that lr is stated for."""
+    momentum: float = 0.9
+    """SGD (Nesterov) momentum."""
+    weight_decay: float = 5e-4
+    """L2 penalty on conv and linear weights (not on BatchNorm or biases)."""
+    label_smoothing: float = 0.1
+    """Label smoothing of the training loss."""
+    schedule: str = "cosine"
+    """After warmup: cosine (to 0) or onecycle (linear to 0)."""
+    warmup_epochs: float = 5.0
+    """Epochs of linear warmup from 0 to the peak learning rate."""
+    seed: int = 0
+    """Seeds the model init, the data order and the augmentation."""
+    precision: str = "fp32"
+    """fp32, bf16 (autocast) or fp16 (autocast with a gradient scaler; CUDA only)."""
+    channels_last: bool = False
+    """Use the channels_last memory format for the model and the batches."""
+    compile: bool = False
+    """Compile the model with torch.compile."""
+    device: str = "auto"
+    """auto (CUDA if present, else CPU), cuda or cpu."""
+    eval_batch_size: int = 1024
+    """Per-rank batch size for validation and test."""
+    out_dir: str = "runs/senet"
+    """Where config.yaml, metrics.jsonl and checkpoints/ go."""
+    resume: str = "auto"
+    """auto (continue from out_dir's last.pt if there is one), never, or a checkpoint path."""
+    stop_after_epochs: int | None = None
+    """Stop cleanly after this many epochs in this launch (walltime-limited allocations); resume continues."""
+    timeout_s: int = 600
+    """Timeout of collective operations, seconds."""
+
+    def __post_init__(self):
+        _require(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
+        _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
+        _require(self.ref_batch_size >= 1, f"train.ref_batch_size must be >= 1, got {self.ref_batch_size}")
+        _require(self.eval_batch_size >= 1, f"train.eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        _require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        _require(0 <= self.momentum < 1, f"train.momentum must be in [0, 1), got {self.momentum}")
+        _require(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        _require(0 <= self.label_smoothing < 1,
+                 f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        _require(self.schedule in ("cosine", "onecycle"),
+                 f"train.schedule must be cosine or onecycle, got {self.schedule!r}")
+        _require(self.warmup_epochs >= 0, f"train.warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        _require(self.precision in ("fp32", "bf16", "fp16"),
+                 f"train.precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        _require(self.device in ("auto", "cuda", "cpu"),
+                 f"train.device must be auto, cuda or cpu, got {self.device!r}")
+        _require(bool(self.out_dir), "train.out_dir must not be empty")
+        _require(bool(self.resume), "train.resume must be auto, never or a checkpoint path")
+        _require(self.stop_after_epochs is None or self.stop_after_epochs >= 1,
+                 f"train.stop_after_epochs must be >= 1 or null, got {self.stop_after_epochs}")
+        _require(self.timeout_s >= 1, f"train.timeout_s must be >= 1, got {self.timeout_s}")
+
+
+@dataclass(kw_only=True)
+class MlflowConfig:
+    enabled: bool = True
+    """Track the run in MLflow (rank 0 only); false runs without mlflow installed."""
+    tracking_uri: str = ""
+    """Tracking server or store; empty: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db."""
+    experiment: str = "senet-cifar10"
+    """Experiment name."""
+    run_name: str = ""
+    """Run name; empty lets MLflow pick one."""
+    registered_model: str = "senet18-cifar10"
+    """Model registry name the trained model is registered under."""
+
+    def __post_init__(self):
+        _require(bool(self.experiment), "mlflow.experiment must not be empty")
+
+
+@dataclass(kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+    def to_dict(self) -> dict:
+        """Nested plain dict (for YAML, checkpoints and MLflow params)."""
+        return dataclasses.asdict(self)
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _all_keys() -> list[str]:
+    return [f"{name}.{f.name}" for name, cls in _sections().items() for f in dataclasses.fields(cls)]
+
+
+def _unknown(key: str) -> ConfigError:
+    match = difflib.get_close_matches(key, _all_keys() + list(_sections()), n=1, cutoff=0.6)
+    hint = f" — did you mean {match[0]}?" if match else f" — valid sections: {', '.join(_sections())}"
+    return ConfigError(f"unknown key {key}{hint}")
+
+
+def _coerce(key: str, value, annotation):
+    """Check one value against its field type; ints are accepted where floats are expected."""
+    allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if value is None and type(None) in allowed:
+        return None
+    for kind in allowed:
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    names = " or ".join({bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+                         type(None): "null"}[k] for k in allowed)
+    raise ConfigError(f"{key} must be {names}, got {value!r}")
+
+
+def _merge(tree: dict, values: dict, origin: str, raw: str | None = None) -> None:
+    """Merge a {section: {key: value}} mapping into tree, checking names and types.
+
+    raw is an override's text as typed: a string field takes it verbatim (a hex md5 stays a string).
+    """
+    if not isinstance(values, dict):
+        raise ConfigError(f"{origin} must be a mapping of sections (model, data, train, mlflow)")
+    sections = _sections()
+    for section, entries in values.items():
+        if section not in sections:
+            raise _unknown(str(section))
+        if not isinstance(entries, dict):
+            raise ConfigError(f"{section} in {origin} must be a mapping of keys, got {entries!r}")
+        fields = {f.name: f for f in dataclasses.fields(sections[section])}
+        for name, value in entries.items():
+            key = f"{section}.{name}"
+            if name not in fields:
+                raise _unknown(key)
+            if raw is not None and fields[name].type is str:
+                value = raw
+            tree[section][name] = _coerce(key, value, fields[name].type)
+
+
+def _parse_override(text: str) -> tuple[str, str, object, str]:
+    key, sep, raw = text.partition("=")
+    if not sep or "." not in key:
+        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. train.epochs=10)")
+    section, _, name = key.strip().partition(".")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return section, name, value, raw
+
+
+def load(path: str | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file at path, then key=value overrides; checked as a whole."""
+    tree = {name: {} for name in _sections()}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            line = f" at line {where.line + 1}" if where else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"invalid YAML in {path}{line}: {problem}") from None
+        _merge(tree, values or {}, path)
+    for text in overrides:
+        section, name, value, raw = _parse_override(text)
+        _merge(tree, {section: {name: value}}, "override", raw)
+    try:
+        return Config(**{name: cls(**tree[name]) for name, cls in _sections().items()})
+    except TypeError as e:  # a field the dataclass rejects; _merge should have caught it
+        raise ConfigError(str(e)) from None
+
+
+def dump(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML that load() reads back to the same Config."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,88 @@
+"""Process-group setup and teardown, and the Runtime object that carries rank, world size and device.
+
+Under torchrun the environment (RANK, WORLD_SIZE, LOCAL_RANK, ...) describes the group; a plain
+`python -m job.train` is a group of one built on an in-process store, so the same collectives work.
+"""
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+class LaunchError(RuntimeError):
+    """The launch does not fit the machine (e.g. more processes per node than GPUs); one line."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process sits in the job. Built once by setup() and passed to whoever needs it."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    num_nodes: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that prints, tracks and writes checkpoints."""
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def pick_device(preference: str, local_rank: int, local_world_size: int) -> torch.device:
+    """One device per local rank: cuda:<local_rank> when CUDA is wanted and present, else the CPU."""
+    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise LaunchError("train.device=cuda but CUDA is not available on this node")
+    gpus = torch.cuda.device_count()
+    if local_world_size > gpus:
+        raise LaunchError(f"{local_world_size} processes per node but only {gpus} GPU(s) on this node: "
+                          f"use --nproc_per_node={gpus} (or train.device=cpu)")
+    return torch.device("cuda", local_rank)
+
+
+def setup(device_preference: str, timeout_s: int) -> Runtime:
+    """Join (or, without torchrun, create) the process group; nccl on CUDA, gloo on the CPU."""
+    rank = _env_int("RANK", 0)
+    world_size = _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    local_world_size = _env_int("LOCAL_WORLD_SIZE", 1)
+    num_nodes = _env_int("GROUP_WORLD_SIZE", max(1, world_size // local_world_size))
+    device = pick_device(device_preference, local_rank, local_world_size)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if "MASTER_ADDR" in os.environ:
+        dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    return Runtime(rank, local_rank, world_size, local_world_size, num_nodes, device, backend)
+
+
+def teardown() -> None:
+    """Destroy the process group if there is one (safe to call on any exit path)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_agree(ok: bool, device: torch.device) -> bool:
+    """True only if ok is true on every rank; every rank must call it (used where a barrier could hang)."""
+    flag = torch.tensor([1 if ok else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def env_rank() -> int:
+    """The global rank from the launcher's environment (0 without torchrun); usable before setup()."""
+    return _env_int("RANK", 0)

@@ -1,0 +1,206 @@
+"""The DDP training entrypoint.
+
+    torchrun --nproc_per_node=4 -m job.train [--config FILE] [section.key=value ...]
+    python -m job.train [--config FILE] [section.key=value ...]      (one process, no torchrun)
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.elastic.multiprocessing.errors import record
+from torch.nn.parallel import DistributedDataParallel
+
+from job import checkpoint, config, data, distributed
+from job.checkpoint import CheckpointError
+from job.config import Config, ConfigError
+from job.data import DataError, Splits
+from job.distributed import LaunchError, Runtime
+from job.evaluate import evaluate
+from job.optim import build_optimizer, build_scheduler
+from job.tracking import Tracker
+from senet import senet
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, LaunchError)
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m job.train", description="Train SENet on CIFAR-10 with DDP.")
+    parser.add_argument("--config", help="YAML file with model/data/train/mlflow sections")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.epochs=10")
+    return parser.parse_args(argv)
+
+
+def prepare_out_dir(cfg: Config, runtime: Runtime) -> None:
+    """Rank 0 creates out_dir and writes the resolved config there; every rank learns whether that worked."""
+    error = None
+    if runtime.is_main:
+        try:
+            Path(cfg.train.out_dir).mkdir(parents=True, exist_ok=True)
+            config.dump(cfg, Path(cfg.train.out_dir) / "config.yaml")
+        except OSError as e:
+            error = CheckpointError(f"cannot write to train.out_dir {cfg.train.out_dir}: {e.strerror}")
+    if not distributed.all_agree(error is None, runtime.device):
+        raise error or CheckpointError(f"rank 0 cannot write to train.out_dir {cfg.train.out_dir}")
+
+
+def train_one_epoch(model, optimizer, scheduler, scaler, splits: Splits, cfg: Config, runtime: Runtime,
+                    epoch: int, tracker: Tracker) -> dict:
+    """One pass over this rank's shard; returns loss and accuracy summed over all ranks (one sync)."""
+    t = cfg.train
+    per_rank = t.batch_size // runtime.world_size
+    order = data.epoch_indices(len(splits.train_y), t.seed, epoch, runtime.rank, runtime.world_size)
+    order = order.to(runtime.device)
+    steps = len(order) // per_rank
+    sums = torch.zeros(3, dtype=torch.float64, device=runtime.device)  # loss, correct, count
+    dtype = AUTOCAST[t.precision]
+    model.train()
+    for step in tracker.progress(range(steps), steps, f"epoch {epoch + 1}"):
+        idx = order[step * per_rank:(step + 1) * per_rank]
+        g = data.step_generator(t.seed, epoch, step, runtime.rank, runtime.device)
+        x = data.normalize(data.augment(splits.train_x[idx], g, cfg.data.cutout), t.channels_last)
+        y = splits.train_y[idx]
+        with torch.autocast(runtime.device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=t.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
+                             torch.tensor(float(len(y)), device=runtime.device, dtype=torch.float64)])
+    dist.all_reduce(sums)
+    loss_sum, correct, count = sums.tolist()
+    return {"train_loss": loss_sum / count, "train_acc": correct / count, "images": int(count)}
+
+
+def run(cfg: Config, runtime: Runtime, config_path: str | None) -> None:
+    """Set up data, model and optimizer (from a checkpoint if resuming), train, then test the best model."""
+    t = cfg.train
+    if t.batch_size % runtime.world_size:
+        raise ConfigError(f"train.batch_size {t.batch_size} is not divisible by the world size {runtime.world_size}")
+    resume_from = checkpoint.resume_path(t.resume, t.out_dir)
+    state = checkpoint.load(resume_from) if resume_from else None
+    if state:
+        checkpoint.check_model(state, cfg.to_dict()["model"], resume_from)
+    prepare_out_dir(cfg, runtime)
+    tracker = Tracker(cfg, runtime)
+    tracker.info(f"senet-job: world_size {runtime.world_size}  nodes {runtime.num_nodes}  backend {runtime.backend}"
+                 f"  device {runtime.device}  config {config_path or '(defaults)'}  out_dir {t.out_dir}"
+                 + (f"  resuming {resume_from} at epoch {state['epoch'] + 1}" if state else ""))
+    splits = data.load_splits(cfg.data, runtime)
+    steps_per_epoch = len(splits.train_y) // runtime.world_size // (t.batch_size // runtime.world_size)
+    if steps_per_epoch == 0:
+        raise ConfigError(f"train.batch_size {t.batch_size} is larger than the training set "
+                          f"({len(splits.train_y)} images)")
+
+    torch.manual_seed(t.seed)
+    model = senet(cfg.model.depth, width=cfg.model.width, reduction=cfg.model.reduction).to(runtime.device)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, t)
+    scheduler = build_scheduler(optimizer, t, steps_per_epoch)
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=t.precision == "fp16")
+    start_epoch, best_acc, best_epoch, run_id = 0, -1.0, None, None
+    if state:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        start_epoch, best_acc, best_epoch = state["epoch"], state["best_val_acc"], state["best_epoch"]
+        run_id = state.get("mlflow_run_id")
+
+    train_model = model
+    if runtime.world_size > 1:
+        train_model = DistributedDataParallel(model, device_ids=[runtime.device] if runtime.device.type == "cuda"
+                                              else None, gradient_as_bucket_view=True)
+    eval_model = torch.compile(model) if t.compile else model
+    train_model = torch.compile(train_model) if t.compile else train_model
+    eval_kw = dict(batch_size=t.eval_batch_size, channels_last=t.channels_last,
+                   autocast_dtype=AUTOCAST[t.precision])
+
+    run_id = tracker.start(start_epoch, run_id)
+    status = "FAILED"
+    try:
+        stop = t.epochs if t.stop_after_epochs is None else min(t.epochs, start_epoch + t.stop_after_epochs)
+        ckpt_dir = checkpoint.directory(t.out_dir)
+        started = time.perf_counter()
+        for epoch in range(start_epoch, stop):
+            tic = time.perf_counter()
+            stats = train_one_epoch(train_model, optimizer, scheduler, scaler, splits, cfg, runtime, epoch, tracker)
+            train_s = time.perf_counter() - tic
+            val = evaluate(eval_model, splits.val_x, splits.val_y, runtime, **eval_kw)
+            val_acc = val.accuracy if val else None
+            record = {"epoch": epoch, "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
+                      "val_loss": val.loss if val else None, "val_acc": val_acc,
+                      "lr": scheduler.get_last_lr()[0], "images_per_sec": stats["images"] / train_s,
+                      "epoch_time_s": time.perf_counter() - tic}
+            per_epoch = (time.perf_counter() - started) / (epoch + 1 - start_epoch)
+            tracker.log_epoch(record, t.epochs, eta_s=per_epoch * (t.epochs - epoch - 1))
+            is_best = val_acc is None or val_acc > best_acc
+            if is_best:
+                best_acc, best_epoch = (val_acc if val_acc is not None else -1.0), epoch
+            if runtime.is_main:
+                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
+                         "best_val_acc": best_acc, "best_epoch": best_epoch,
+                         "rng": {"torch": torch.get_rng_state()}, "config": cfg.to_dict(),
+                         "mlflow_run_id": run_id, "world_size": runtime.world_size}
+                checkpoint.save(state, ckpt_dir / "last.pt")
+                if is_best:
+                    checkpoint.save(state, ckpt_dir / "best.pt")
+        if stop < t.epochs:
+            tracker.info(f"stopped after epoch {stop} of {t.epochs} (train.stop_after_epochs); "
+                         f"run again with train.resume=auto to continue")
+            status = "KILLED"
+            return
+        dist.barrier()  # best.pt is complete before any rank reads it
+        model.load_state_dict(checkpoint.load(ckpt_dir / "best.pt")["model"])
+        test = evaluate(eval_model, splits.test_x, splits.test_y, runtime, **eval_kw)
+        tracker.log_final({"test_acc": test.accuracy, "test_loss": test.loss, "best_epoch": best_epoch,
+                           "best_val_acc": best_acc if best_acc >= 0 else None, "test_images": test.count})
+        tracker.log_artifact(Path(t.out_dir) / "config.yaml")
+        tracker.log_artifact(Path(t.out_dir) / "metrics.jsonl")
+        status = "FINISHED"
+    finally:
+        tracker.finish(status)
+
+
+def _error(message: str) -> None:
+    """One line on stderr, from global rank 0 only (every rank hits the same config or data mistake)."""
+    if distributed.env_rank() == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+@record
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = config.load(args.config, args.overrides)
+    except ConfigError as e:
+        _error(str(e))
+        return 2
+    if args.print_config:
+        print(config.yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    try:
+        runtime = distributed.setup(cfg.train.device, cfg.train.timeout_s)
+        run(cfg, runtime, args.config)
+        return 0
+    except USER_ERRORS as e:
+        _error(str(e))
+        return 2 if isinstance(e, ConfigError) else 1
+    finally:
+        distributed.teardown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""The seed notebook's SENet: a post-activation ResNet whose BasicBlocks carry an SE gate.
+
+Module and parameter names follow the seed exactly (`conv1`, `bn1`, `layer1.0.fc1`, ..., `linear`),
+so a state_dict saved from the seed's classes loads here with `strict=True`.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BLOCKS_PER_STAGE = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions, a squeeze-and-excitation gate on the residual branch, then the shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, reduction: int = 16):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+        # The excitation's two fully connected layers, as 1x1 convolutions (the seed's names).
+        # max(1, ...) keeps narrow test models valid; at the default width it equals the seed's //.
+        squeezed = max(1, out_channels // reduction)
+        self.fc1 = nn.Conv2d(out_channels, squeezed, 1)
+        self.fc2 = nn.Conv2d(squeezed, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        w = F.avg_pool2d(out, out.size(2))  # squeeze: one number per channel
+        w = torch.sigmoid(self.fc2(F.relu(self.fc1(w))))  # excitation: a gate in (0, 1) per channel
+        out = out * w + self.shortcut(x)
+        return F.relu(out)
+
+
+class SENet(nn.Module):
+    """3x3 stem, four stages of BasicBlocks (strides 1, 2, 2, 2), 4x4 average pool, linear classifier."""
+
+    def __init__(
+        self,
+        blocks_per_stage: tuple[int, ...] = (2, 2, 2, 2),
+        *,
+        width: int = 64,
+        reduction: int = 16,
+        num_classes: int = 10,
+    ):
+        super().__init__()
+        self.num_classes = num_classes
+        self.in_channels = width
+        self.conv1 = nn.Conv2d(3, width, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.layer1 = self._make_layer(width, blocks_per_stage[0], 1, reduction)
+        self.layer2 = self._make_layer(2 * width, blocks_per_stage[1], 2, reduction)
+        self.layer3 = self._make_layer(4 * width, blocks_per_stage[2], 2, reduction)
+        self.layer4 = self._make_layer(8 * width, blocks_per_stage[3], 2, reduction)
+        self.linear = nn.Linear(8 * width, num_classes)
+
+    def _make_layer(self, out_channels: int, blocks: int, stride: int, reduction: int) -> nn.Sequential:
+        layers = []
+        for s in [stride] + [1] * (blocks - 1):
+            layers.append(BasicBlock(self.in_channels, out_channels, s, reduction))
+            self.in_channels = out_channels
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        out = F.avg_pool2d(out, 4)
+        return self.linear(out.flatten(1))
+
+
+def senet(depth: int = 18, *, width: int = 64, reduction: int = 16, num_classes: int = 10) -> SENet:
+    """SENet of the given depth (18 or 34)."""
+    if depth not in BLOCKS_PER_STAGE:
+        raise ValueError(f"depth must be one of {sorted(BLOCKS_PER_STAGE)}, got {depth}")
+    return SENet(BLOCKS_PER_STAGE[depth], width=width, reduction=reduction, num_classes=num_classes)
+
+
+def senet18(**kwargs) -> SENet:
+    """The seed's SENet18 (blocks 2, 2, 2, 2; width 64; reduction 16; 10 classes) unless overridden."""
+    return senet(18, **kwargs)
+
+
+def senet34(**kwargs) -> SENet:
+    """SENet34: blocks 3, 4, 6, 3."""
+    return senet(34, **kwargs)
