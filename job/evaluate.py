@@ -24,7 +24,7 @@ class Scores:
 
     @property
     def accuracy(self) -> float:
-        return float(self.confusion.diag().sum() / self.confusion.sum())
+        return int(self.confusion.diag().sum()) / self.count
 
     @property
     def per_class(self) -> list[float]:
