@@ -5,6 +5,8 @@ Also a command line to pre-stage the data on a machine with internet:
 """
 
 import argparse
+import contextlib
+import io
 import pickle
 import sys
 from dataclasses import dataclass
@@ -14,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data.distributed import DistributedSampler
 from torchvision.datasets import CIFAR10
-from torchvision.datasets.utils import check_integrity, download_and_extract_archive
+from torchvision.datasets.utils import calculate_md5, check_integrity, download_and_extract_archive
 
 from job.config import DataConfig
 from job.distributed import Runtime, all_agree
@@ -50,10 +52,18 @@ def _stage_hint(root: str) -> str:
 
 def download(root: str, url: str, md5: str) -> None:
     """Fetch and unpack the archive with torchvision's downloader, which checks its md5."""
+    # torchvision's progress bar goes to stderr: keep it for a person at a terminal, not for logs
+    quiet = contextlib.nullcontext() if sys.stderr.isatty() else contextlib.redirect_stderr(io.StringIO())
     try:
-        download_and_extract_archive(url, root, filename=ARCHIVE, md5=md5)
+        with quiet:
+            download_and_extract_archive(url, root, filename=ARCHIVE, md5=md5)
     except Exception as e:  # urllib, md5 and tar errors alike; the user needs the URL and the reason
-        raise DataError(f"downloading CIFAR-10 from {url} failed: {str(e).splitlines()[0] or type(e).__name__}")
+        archive = Path(root) / ARCHIVE
+        if archive.is_file() and not check_integrity(str(archive), md5):
+            reason = f"the archive's md5 {calculate_md5(str(archive))} is not the expected {md5}"
+        else:
+            reason = (str(e).splitlines() or [""])[0] or type(e).__name__
+        raise DataError(f"downloading CIFAR-10 from {url} failed: {reason}") from None
 
 
 def check(root: str, verify: bool) -> None:
@@ -66,6 +76,14 @@ def check(root: str, verify: bool) -> None:
         if verify and not check_integrity(str(path), md5):
             raise DataError(f"CIFAR-10 file {path} fails its md5 check (corrupt or not the original); "
                             f"delete {folder} and download again, or set data.verify=false for a re-encoded copy")
+
+
+def _present(root: str, verify: bool) -> bool:
+    try:
+        check(root, verify)
+        return True
+    except DataError:
+        return False
 
 
 def _read_batches(root: str, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,7 +130,7 @@ def synthetic(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _prepare_cifar10(cfg: DataConfig, runtime: Runtime) -> None:
     """Local rank 0 of each node downloads (if asked) while the others wait; then every rank checks."""
     error = None
-    if cfg.download and runtime.local_rank == 0:
+    if cfg.download and runtime.local_rank == 0 and not _present(cfg.root, cfg.verify):
         try:
             download(cfg.root, cfg.url, cfg.md5)
         except DataError as e:

@@ -90,12 +90,12 @@ def run(cfg: Config, runtime: Runtime, config_path: str | None) -> None:
     state = checkpoint.load(resume_from) if resume_from else None
     if state:
         checkpoint.check_model(state, cfg.to_dict()["model"], resume_from)
+    splits = data.load_splits(cfg.data, runtime)  # before out_dir: a launch that fails here changes nothing
     prepare_out_dir(cfg, runtime)
     tracker = Tracker(cfg, runtime)
     tracker.info(f"senet-job: world_size {runtime.world_size}  nodes {runtime.num_nodes}  backend {runtime.backend}"
                  f"  device {runtime.device}  config {config_path or '(defaults)'}  out_dir {t.out_dir}"
                  + (f"  resuming {resume_from} at epoch {state['epoch'] + 1}" if state else ""))
-    splits = data.load_splits(cfg.data, runtime)
     steps_per_epoch = len(splits.train_y) // runtime.world_size // (t.batch_size // runtime.world_size)
     if steps_per_epoch == 0:
         raise ConfigError(f"train.batch_size {t.batch_size} is larger than the training set "
