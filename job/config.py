@@ -7,6 +7,7 @@ that names the key.
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,11 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration mistake; its message is one line meant for the user."""
+
+
+def redact(uri: str) -> str:
+    """Hide a password (or token) written into a URI: https://user:secret@host -> https://user:***@host."""
+    return re.sub(r"(//[^/@:]+:)[^/@]+@", r"\1***@", uri)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -149,9 +155,21 @@ class MlflowConfig:
     """Run name; empty lets MLflow pick one."""
     registered_model: str = "senet18-cifar10"
     """Model registry name the trained model is registered under."""
+    promote_margin: float = 0.0
+    """@champion moves to a new version only if its val_acc beats the champion's by more than this."""
+    required: bool = True
+    """Fail at start if the tracking server is unreachable; false: warn and keep metrics.jsonl only."""
+    flush_timeout_s: int = 300
+    """At the end, how long to keep retrying an absent tracking server before giving up (warning)."""
 
     def __post_init__(self):
         _require(bool(self.experiment), "mlflow.experiment must not be empty")
+        _require(bool(self.registered_model), "mlflow.registered_model must not be empty")
+        _require(redact(self.tracking_uri) == self.tracking_uri,
+                 f"mlflow.tracking_uri {redact(self.tracking_uri)} holds a password: set MLFLOW_TRACKING_USERNAME "
+                 f"and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment instead")
+        _require(self.promote_margin >= 0, f"mlflow.promote_margin must be >= 0, got {self.promote_margin}")
+        _require(self.flush_timeout_s >= 0, f"mlflow.flush_timeout_s must be >= 0, got {self.flush_timeout_s}")
 
 
 @dataclass(kw_only=True)

@@ -140,13 +140,17 @@ def _prepare_cifar10(cfg: DataConfig, runtime: Runtime) -> None:
     check(cfg.root, cfg.verify)
 
 
+def _source(cfg: DataConfig, runtime: Runtime):
+    """((train images, labels), (test images, labels)) on the CPU, from data.source."""
+    if cfg.source == "synthetic":
+        return synthetic(50000, seed=1), synthetic(10000, seed=2)
+    _prepare_cifar10(cfg, runtime)
+    return read_cifar10(cfg.root)
+
+
 def load_splits(cfg: DataConfig, runtime: Runtime) -> Splits:
     """Train / validation / test splits on the device, following data.* (val split first, then subsets)."""
-    if cfg.source == "cifar10":
-        _prepare_cifar10(cfg, runtime)
-        (x, y), (test_x, test_y) = read_cifar10(cfg.root)
-    else:
-        (x, y), (test_x, test_y) = synthetic(50000, seed=1), synthetic(10000, seed=2)
+    (x, y), (test_x, test_y) = _source(cfg, runtime)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(SPLIT_SEED))
     val_idx, train_idx = order[:cfg.val_size], order[cfg.val_size:].sort().values
     train_idx = train_idx[:cfg.train_subset]
@@ -154,6 +158,12 @@ def load_splits(cfg: DataConfig, runtime: Runtime) -> Splits:
     d = runtime.device
     return Splits(x[train_idx].to(d), y[train_idx].to(d), x[val_idx].to(d), y[val_idx].to(d),
                   test_x.to(d), test_y.to(d))
+
+
+def load_test(cfg: DataConfig, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test split alone (data.test_subset applies), on the device."""
+    _, (x, y) = _source(cfg, runtime)
+    return x[:cfg.test_subset].to(runtime.device), y[:cfg.test_subset].to(runtime.device)
 
 
 def epoch_indices(n: int, seed: int, epoch: int, rank: int, world_size: int) -> torch.Tensor:

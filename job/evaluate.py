@@ -1,5 +1,11 @@
-"""Exact distributed evaluation: every image scored once across all ranks, sums all-reduced."""
+"""Exact distributed evaluation: every image scored once across all ranks, sums all-reduced.
 
+Also a command line that scores a checkpoint or a registered model on the CIFAR-10 test set:
+    python -m job.evaluate --model models:/senet18-cifar10@champion        (or under torchrun)
+"""
+
+import argparse
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -7,8 +13,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from job.data import eval_shard, normalize
+from job import checkpoint, config, data, distributed
+from job.checkpoint import CheckpointError
+from job.config import ConfigError
+from job.data import DataError, eval_shard, normalize
 from job.distributed import Runtime
+from senet import senet
 
 
 @dataclass
@@ -34,9 +44,10 @@ class Scores:
 @torch.no_grad()
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, runtime: Runtime, *,
              batch_size: int, num_classes: int = 10, channels_last: bool = False,
-             autocast_dtype: torch.dtype | None = None) -> Scores | None:
+             autocast_dtype: torch.dtype | None = None, normalize_inputs: bool = True) -> Scores | None:
     """Score this rank's contiguous block of the set, then all-reduce loss sum and confusion counts.
 
+    normalize_inputs=False passes the uint8 images as they are (models with their own normalisation).
     Returns None for an empty set. Every rank must call it (it is a collective).
     """
     if len(labels) == 0:
@@ -48,7 +59,8 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, runti
     loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=runtime.device)
     for start in range(0, len(y_all), batch_size):
-        x = normalize(x_all[start:start + batch_size], channels_last)
+        x = x_all[start:start + batch_size]
+        x = normalize(x, channels_last) if normalize_inputs else x
         y = y_all[start:start + batch_size]
         with torch.autocast(runtime.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model(x)
@@ -59,3 +71,65 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, runti
     model.train(was_training)
     confusion = confusion.view(num_classes, num_classes).cpu()
     return Scores(loss=float(loss_sum) / int(confusion.sum()), confusion=confusion)
+
+
+def load_model(source: str, runtime: Runtime, tracking_uri: str = "") -> tuple[nn.Module, bool]:
+    """(model, takes_uint8) from a checkpoint path or an MLflow model URI (models:/..., runs:/...).
+
+    Registry models carry their own normalisation and take uint8 images; checkpoints hold the bare SENet.
+    For a URI, rank 0 alone talks to MLflow and broadcasts the model to the other ranks.
+    """
+    if "://" not in source and not source.startswith(("models:/", "runs:/")):
+        state = checkpoint.load(source)
+        m = state["config"]["model"]
+        model = senet(m["depth"], width=m["width"], reduction=m["reduction"])
+        model.load_state_dict(state["model"])
+        return model.to(runtime.device), False
+    box = [None]
+    if runtime.is_main:
+        try:
+            import mlflow
+
+            from job.tracking import tracking_uri as resolve
+
+            mlflow.set_tracking_uri(resolve(tracking_uri))
+            box[0] = mlflow.pytorch.load_model(source, map_location="cpu")
+        except Exception as e:
+            box[0] = f"cannot load model {source}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}"
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], str):
+        raise CheckpointError(box[0])
+    return box[0].to(runtime.device), True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m job.evaluate --model MODEL [--config FILE] [data.root=...]`: test-set accuracy, per class."""
+    parser = argparse.ArgumentParser(prog="python -m job.evaluate", description=main.__doc__)
+    parser.add_argument("--model", required=True, help="models:/NAME@champion, runs:/ID/model, or a checkpoint")
+    parser.add_argument("--config", help="YAML file (its data and train.device settings are used)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. data.root=/data")
+    args = parser.parse_args(argv)
+    runtime = None
+    try:
+        cfg = config.load(args.config, args.overrides)
+        runtime = distributed.setup(cfg.train.device, cfg.train.timeout_s)
+        model, takes_uint8 = load_model(args.model, runtime, cfg.mlflow.tracking_uri)
+        images, labels = data.load_test(cfg.data, runtime)
+        scores = evaluate(model, images, labels, runtime, batch_size=cfg.train.eval_batch_size,
+                          normalize_inputs=not takes_uint8)
+    except (ConfigError, DataError, CheckpointError, distributed.LaunchError) as e:
+        if distributed.env_rank() == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        distributed.teardown()
+    if runtime.is_main:
+        print(f"model {args.model}: test accuracy {scores.accuracy:.4f} on {scores.count} images "
+              f"(loss {scores.loss:.4f})")
+        for name, acc in zip(data.CLASSES, scores.per_class):
+            print(f"  {name:<10} {acc:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,22 +1,30 @@
-"""Rank 0's side effects in one place: progress lines on stdout, metrics.jsonl, and MLflow.
+"""Rank 0's side effects in one place: progress lines on stdout, metrics.jsonl, and the MLflow run.
 
-Every rank holds a Tracker; on ranks other than 0 each method does nothing, so the training loop
-never asks which rank it is on. MLflow is imported lazily, on rank 0 only, and only when enabled.
+Every rank holds a Tracker; on ranks other than 0 each method does nothing (open() still takes part in
+one collective), so the training loop never asks which rank it is on. MLflow is imported lazily, on
+rank 0 only, and only when enabled. A tracking server that goes away mid-run never stops training:
+epochs that could not be sent wait in a queue and go out when it answers again (at the latest in close()).
 """
 
 import datetime
+import hashlib
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
 
-from job.config import Config
-from job.distributed import Runtime
+from job.config import Config, redact
+from job.distributed import Runtime, all_agree
 
 DEFAULT_STORE = "mlflow.db"
+
+
+class TrackingError(RuntimeError):
+    """MLflow cannot be used at the start of a run that requires it; one line naming the URI."""
 
 
 def tracking_uri(configured: str) -> str:
@@ -35,6 +43,14 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
+def config_hash(cfg: Config) -> str:
+    """Short hash of the settings that shape the model and its training (not where outputs go)."""
+    tree = cfg.to_dict()
+    tree["train"] = {k: v for k, v in tree["train"].items() if k not in ("out_dir", "resume", "stop_after_epochs")}
+    tree.pop("mlflow")
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def git_commit() -> tuple[str, bool] | None:
     """(commit, dirty) of the source tree this job runs from, or None outside a git checkout."""
     here = Path(__file__).resolve().parent
@@ -48,6 +64,10 @@ def git_commit() -> tuple[str, bool] | None:
     return commit, bool(dirty)
 
 
+def _reason(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
 class Tracker:
     """Progress lines, metrics.jsonl and the MLflow run of one job; inert on ranks other than 0."""
 
@@ -56,13 +76,21 @@ class Tracker:
         self.runtime = runtime
         self.active = runtime.is_main
         self.metrics_path = Path(cfg.train.out_dir) / "metrics.jsonl"
-        self.mlflow = None
+        self.mlflow = None  # the mlflow module, once a run is open
         self.run_id: str | None = None
+        self.pending: list[dict] = []  # records not yet accepted by the tracking server
+        self.offline_warned = False
 
+    # ---- console ------------------------------------------------------------------------------------
     def info(self, message: str) -> None:
         """A line on stdout from rank 0."""
         if self.active:
             print(message, flush=True)
+
+    def warn(self, message: str) -> None:
+        """A warning line on stderr from rank 0."""
+        if self.active:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
 
     def progress(self, iterable, total: int, desc: str):
         """A tqdm bar around iterable on rank 0 when stdout is a terminal; the iterable itself otherwise."""
@@ -72,53 +100,96 @@ class Tracker:
 
         return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
-    def start(self, start_epoch: int, run_id: str | None) -> str | None:
-        """Open (or reopen, after a resume) the MLflow run; drop metrics.jsonl lines of epochs to be redone."""
-        if not self.active:
-            return None
-        self._truncate_metrics(start_epoch)
-        if not self.cfg.mlflow.enabled:
-            return None
+    # ---- the run --------------------------------------------------------------------------------------
+    def open(self, history: list[dict], run_id: str | None) -> str | None:
+        """Rewrite metrics.jsonl from the checkpoint's history and open (or reopen) the MLflow run.
+
+        Every rank calls it: if rank 0 cannot reach a required tracking server, all ranks raise.
+        Returns the run id (None without MLflow).
+        """
+        error = None
+        if self.active:
+            self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+            if self.cfg.mlflow.enabled:
+                try:
+                    self._open_mlflow(history, run_id)
+                except TrackingError as e:
+                    if self.cfg.mlflow.required:
+                        error = e
+                    else:
+                        self.warn(f"{e}; training without MLflow (mlflow.required=false), metrics.jsonl only")
+        if not all_agree(error is None, self.runtime.device):
+            raise error or TrackingError("rank 0 could not reach MLflow (its log has the reason)")
+        return self.run_id
+
+    def _open_mlflow(self, history: list[dict], run_id: str | None) -> None:
+        # Fail fast rather than let MLflow's client retry for minutes while all ranks wait.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         import mlflow
 
-        self.mlflow = mlflow
-        mlflow.set_tracking_uri(tracking_uri(self.cfg.mlflow.tracking_uri))
+        uri = tracking_uri(self.cfg.mlflow.tracking_uri)
+        if redact(uri) != uri:
+            raise TrackingError(f"MLflow tracking URI {redact(uri)} holds a password: set MLFLOW_TRACKING_USERNAME "
+                                f"and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead")
+        try:
+            mlflow.set_tracking_uri(uri)
+            client = mlflow.MlflowClient()
+            client.search_experiments(max_results=1)
+        except Exception as e:
+            raise TrackingError(f"MLflow tracking URI {redact(uri)} cannot be used: {_reason(e)}") from None
         mlflow.set_experiment(self.cfg.mlflow.experiment)
-        run = mlflow.start_run(run_id=run_id, run_name=self.cfg.mlflow.run_name or None)
-        self.run_id = run.info.run_id
+        if run_id is not None:
+            try:
+                client.get_run(run_id)
+            except Exception:
+                self.warn(f"MLflow run {run_id} of the checkpoint is not at {redact(uri)}; starting a new run")
+                run_id = None
+        system_metrics = _has_module("psutil")
+        run = mlflow.start_run(run_id=run_id, run_name=self.cfg.mlflow.run_name or None,
+                               log_system_metrics=system_metrics)
+        self.mlflow, self.run_id = mlflow, run.info.run_id
         if run_id is None:
             mlflow.log_params(flatten(self.cfg.to_dict()))
         mlflow.set_tags(self._tags())
-        self.info(f"mlflow: run {self.run_id} in experiment {self.cfg.mlflow.experiment!r} at "
-                  f"{mlflow.get_tracking_uri()}")
-        return self.run_id
+        sent = {m.step for m in client.get_metric_history(self.run_id, "train_loss")} if run_id else set()
+        self.pending = [r for r in history if r["epoch"] not in sent]  # lost when the server was away
+        self._send()
+        self.info(f"mlflow: run {self.run_id} in experiment {self.cfg.mlflow.experiment!r} at {redact(uri)}")
 
     def _tags(self) -> dict[str, str]:
         rt = self.runtime
+        device = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu"
         tags = {"torch": torch.__version__, "cuda": str(torch.version.cuda), "world_size": str(rt.world_size),
-                "nodes": str(rt.num_nodes), "device": self._device_name()}
+                "nodes": str(rt.num_nodes), "device": device, "config_hash": config_hash(self.cfg)}
         commit = git_commit()
         if commit:
             tags["git_commit"], tags["git_dirty"] = commit[0], str(commit[1]).lower()
-        for env, tag in (("SLURM_JOB_ID", "slurm_job_id"), ("HOSTNAME", "host"), ("KUBERNETES_POD_NAME", "k8s_pod")):
+        for env, tag in (("SLURM_JOB_ID", "slurm_job_id"), ("KUBERNETES_POD_NAME", "k8s_pod"),
+                         ("HOSTNAME", "host")):
             if os.environ.get(env):
                 tags[tag] = os.environ[env]
         return tags
 
-    def _device_name(self) -> str:
-        device = self.runtime.device
-        return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-    def _truncate_metrics(self, start_epoch: int) -> None:
-        if not self.metrics_path.exists():
-            return
-        kept = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("epoch", start_epoch) < start_epoch]
-        self.metrics_path.write_text("".join(line + "\n" for line in kept))
-
-    def _append(self, record: dict) -> None:
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+    def _send(self) -> bool:
+        """Send queued epoch records in order; on failure keep them, warn once, and carry on."""
+        while self.pending:
+            record = self.pending[0]
+            metrics = {k: v for k, v in record.items() if k != "epoch" and v is not None}
+            try:
+                self.mlflow.log_metrics(metrics, step=record["epoch"])
+            except Exception as e:
+                if not self.offline_warned:
+                    self.warn(f"MLflow unreachable ({_reason(e)}); training goes on, metrics.jsonl keeps every "
+                              f"epoch, and they are sent when the server is back")
+                    self.offline_warned = True
+                return False
+            self.pending.pop(0)
+            if self.offline_warned:
+                self.info("mlflow: tracking server is back; queued epochs sent")
+                self.offline_warned = False
+        return True
 
     def log_epoch(self, record: dict, epochs: int, eta_s: float) -> None:
         """One epoch: a progress line, a metrics.jsonl line, and MLflow metrics at step=epoch."""
@@ -129,27 +200,77 @@ class Tracker:
         self.info(f"epoch {record['epoch'] + 1}/{epochs}  loss {record['train_loss']:.4f}  "
                   f"train_acc {record['train_acc']:.4f}  val_acc {val}  lr {record['lr']:.4g}  "
                   f"{record['images_per_sec']:.0f} img/s  {record['epoch_time_s']:.1f}s  ETA {eta}")
-        self._append(record)
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
         if self.mlflow:
-            metrics = {k: v for k, v in record.items() if k != "epoch" and v is not None}
-            self.mlflow.log_metrics(metrics, step=record["epoch"])
+            self.pending.append(record)
+            self._send()
 
-    def log_final(self, record: dict) -> None:
-        """The closing record (test accuracy): a line, metrics.jsonl, MLflow."""
+    def log_final(self, record: dict, history: list[dict], confusion: torch.Tensor, checkpoint: Path) -> None:
+        """The closing record (test accuracy), its figures and files; waits for an absent server, bounded."""
         if not self.active:
             return
+        from job import plots
+        from job.data import CLASSES
+
         self.info("final  " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                         for k, v in record.items()))
-        self._append(record)
-        if self.mlflow:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        out = Path(self.cfg.train.out_dir)
+        artifacts = [out / "config.yaml", self.metrics_path, plots.learning_curves(history, out / "learning_curves.png"),
+                     plots.confusion_matrix(confusion, CLASSES, out / "confusion_matrix.png"), checkpoint]
+        if not self.mlflow or not self._flush():
+            return
+        try:
             self.mlflow.log_metrics({k: v for k, v in record.items() if isinstance(v, (int, float))})
+            for path in artifacts:
+                self.mlflow.log_artifact(str(path))
+        except Exception as e:
+            self.warn(f"MLflow: could not log the final metrics and artifacts ({_reason(e)}); "
+                      f"they are in {out}")
 
-    def log_artifact(self, path: Path) -> None:
-        """Attach a file to the MLflow run."""
-        if self.active and self.mlflow:
-            self.mlflow.log_artifact(str(path))
+    def _flush(self) -> bool:
+        """Retry queued epochs until they are sent or mlflow.flush_timeout_s has passed."""
+        deadline = time.monotonic() + self.cfg.mlflow.flush_timeout_s
+        while not self._send():
+            if time.monotonic() > deadline:
+                self.warn(f"MLflow still unreachable after {self.cfg.mlflow.flush_timeout_s}s: "
+                          f"{len(self.pending)} epoch(s) not sent; they are in {self.metrics_path}")
+                return False
+            time.sleep(2)
+        return True
 
-    def finish(self, status: str) -> None:
-        """Close the MLflow run: FINISHED, FAILED, or KILLED (stopped early; a resume reopens it)."""
-        if self.active and self.mlflow and self.mlflow.active_run():
+    def register(self, model: torch.nn.Module, example: torch.Tensor, val_acc: float | None,
+                 test_acc: float) -> None:
+        """Log the model to the run, register it, and move @champion or @challenger (job/registry.py)."""
+        if not (self.active and self.mlflow and not self.pending):
+            return
+        from job import registry
+
+        try:
+            line = registry.log_and_register(self.mlflow, model, example, cfg=self.cfg, run_id=self.run_id,
+                                             val_acc=val_acc, test_acc=test_acc,
+                                             tags={"git_commit": (git_commit() or ("unknown",))[0],
+                                                   "config_hash": config_hash(self.cfg)})
+        except Exception as e:
+            self.warn(f"MLflow: registering the model failed ({_reason(e)}); best.pt is in {self.cfg.train.out_dir}")
+            return
+        self.info(line)
+
+    def close(self, status: str) -> None:
+        """End the MLflow run: FINISHED, FAILED, or KILLED (stopped early; a resume reopens it as RUNNING)."""
+        if not (self.active and self.mlflow and self.mlflow.active_run()):
+            return
+        if self.pending:
+            self._flush()
+        try:
             self.mlflow.end_run(status=status)
+        except Exception as e:
+            self.warn(f"MLflow: could not mark run {self.run_id} {status} ({_reason(e)})")
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None

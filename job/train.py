@@ -22,10 +22,10 @@ from job.data import DataError, Splits
 from job.distributed import LaunchError, Runtime
 from job.evaluate import evaluate
 from job.optim import build_optimizer, build_scheduler
-from job.tracking import Tracker
+from job.tracking import Tracker, TrackingError
 from senet import senet
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, LaunchError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, LaunchError, TrackingError)
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -91,15 +91,15 @@ def run(cfg: Config, runtime: Runtime, config_path: str | None) -> None:
     if state:
         checkpoint.check_model(state, cfg.to_dict()["model"], resume_from)
     splits = data.load_splits(cfg.data, runtime)  # before out_dir: a launch that fails here changes nothing
+    steps_per_epoch = len(splits.train_y) // runtime.world_size // (t.batch_size // runtime.world_size)
+    if steps_per_epoch == 0:
+        raise ConfigError(f"train.batch_size {t.batch_size} is larger than the training set "
+                          f"({len(splits.train_y)} images)")
     prepare_out_dir(cfg, runtime)
     tracker = Tracker(cfg, runtime)
     tracker.info(f"senet-job: world_size {runtime.world_size}  nodes {runtime.num_nodes}  backend {runtime.backend}"
                  f"  device {runtime.device}  config {config_path or '(defaults)'}  out_dir {t.out_dir}"
                  + (f"  resuming {resume_from} at epoch {state['epoch'] + 1}" if state else ""))
-    steps_per_epoch = len(splits.train_y) // runtime.world_size // (t.batch_size // runtime.world_size)
-    if steps_per_epoch == 0:
-        raise ConfigError(f"train.batch_size {t.batch_size} is larger than the training set "
-                          f"({len(splits.train_y)} images)")
 
     torch.manual_seed(t.seed)
     model = senet(cfg.model.depth, width=cfg.model.width, reduction=cfg.model.reduction).to(runtime.device)
@@ -108,7 +108,7 @@ def run(cfg: Config, runtime: Runtime, config_path: str | None) -> None:
     optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t, steps_per_epoch)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=t.precision == "fp16")
-    start_epoch, best_acc, best_epoch, run_id = 0, -1.0, None, None
+    start_epoch, best_acc, best_epoch, history, run_id = 0, -1.0, None, [], None
     if state:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -116,7 +116,7 @@ def run(cfg: Config, runtime: Runtime, config_path: str | None) -> None:
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
         start_epoch, best_acc, best_epoch = state["epoch"], state["best_val_acc"], state["best_epoch"]
-        run_id = state.get("mlflow_run_id")
+        history, run_id = state["history"], state["mlflow_run_id"]
 
     train_model = model
     if runtime.world_size > 1:
@@ -127,7 +127,7 @@ def run(cfg: Config, runtime: Runtime, config_path: str | None) -> None:
     eval_kw = dict(batch_size=t.eval_batch_size, channels_last=t.channels_last,
                    autocast_dtype=AUTOCAST[t.precision])
 
-    run_id = tracker.start(start_epoch, run_id)
+    run_id = tracker.open(history, run_id)
     status = "FAILED"
     try:
         stop = t.epochs if t.stop_after_epochs is None else min(t.epochs, start_epoch + t.stop_after_epochs)
@@ -143,20 +143,21 @@ def run(cfg: Config, runtime: Runtime, config_path: str | None) -> None:
                       "val_loss": val.loss if val else None, "val_acc": val_acc,
                       "lr": scheduler.get_last_lr()[0], "images_per_sec": stats["images"] / train_s,
                       "epoch_time_s": time.perf_counter() - tic}
-            per_epoch = (time.perf_counter() - started) / (epoch + 1 - start_epoch)
-            tracker.log_epoch(record, t.epochs, eta_s=per_epoch * (t.epochs - epoch - 1))
+            history.append(record)
             is_best = val_acc is None or val_acc > best_acc
             if is_best:
                 best_acc, best_epoch = (val_acc if val_acc is not None else -1.0), epoch
-            if runtime.is_main:
+            if runtime.is_main:  # the checkpoint first: it is the record that a resume trusts
                 state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
-                         "best_val_acc": best_acc, "best_epoch": best_epoch,
+                         "best_val_acc": best_acc, "best_epoch": best_epoch, "history": history,
                          "rng": {"torch": torch.get_rng_state()}, "config": cfg.to_dict(),
                          "mlflow_run_id": run_id, "world_size": runtime.world_size}
                 checkpoint.save(state, ckpt_dir / "last.pt")
                 if is_best:
                     checkpoint.save(state, ckpt_dir / "best.pt")
+            per_epoch = (time.perf_counter() - started) / (epoch + 1 - start_epoch)
+            tracker.log_epoch(record, t.epochs, eta_s=per_epoch * (t.epochs - epoch - 1))
         if stop < t.epochs:
             tracker.info(f"stopped after epoch {stop} of {t.epochs} (train.stop_after_epochs); "
                          f"run again with train.resume=auto to continue")
@@ -165,13 +166,14 @@ def run(cfg: Config, runtime: Runtime, config_path: str | None) -> None:
         dist.barrier()  # best.pt is complete before any rank reads it
         model.load_state_dict(checkpoint.load(ckpt_dir / "best.pt")["model"])
         test = evaluate(eval_model, splits.test_x, splits.test_y, runtime, **eval_kw)
+        best_val = best_acc if best_acc >= 0 else None
         tracker.log_final({"test_acc": test.accuracy, "test_loss": test.loss, "best_epoch": best_epoch,
-                           "best_val_acc": best_acc if best_acc >= 0 else None, "test_images": test.count})
-        tracker.log_artifact(Path(t.out_dir) / "config.yaml")
-        tracker.log_artifact(Path(t.out_dir) / "metrics.jsonl")
+                           "best_val_acc": best_val, "test_images": test.count},
+                          history, test.confusion, ckpt_dir / "best.pt")
+        tracker.register(model, splits.test_x[:4], val_acc=best_val, test_acc=test.accuracy)
         status = "FINISHED"
     finally:
-        tracker.finish(status)
+        tracker.close(status)
 
 
 def _error(message: str) -> None:

@@ -77,6 +77,18 @@ class SENet(nn.Module):
         return self.linear(out.flatten(1))
 
 
+class Normalize(nn.Module):
+    """Per-channel (x - mean) / std for images given as 0..255 values (uint8 or float), channels first."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.mean) / self.std
+
+
 def senet(depth: int = 18, *, width: int = 64, reduction: int = 16, num_classes: int = 10) -> SENet:
     """SENet of the given depth (18 or 34)."""
     if depth not in BLOCKS_PER_STAGE:
