@@ -118,6 +118,10 @@ class TrainConfig:
     """Stop cleanly after this many epochs in this launch (walltime-limited allocations); resume continues."""
     timeout_s: int = 600
     """Timeout of collective operations, seconds."""
+    checkpoint_every_steps: int = 0
+    """Also write last.pt every N optimizer steps inside an epoch (0 = at epoch ends only)."""
+    stop_signals: str = "SIGTERM,SIGUSR1"
+    """Signals that make all ranks stop at the next step, checkpoint, and exit 143 (resumable)."""
 
     def __post_init__(self):
         _require(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
@@ -141,6 +145,11 @@ class TrainConfig:
         _require(self.stop_after_epochs is None or self.stop_after_epochs >= 1,
                  f"train.stop_after_epochs must be >= 1 or null, got {self.stop_after_epochs}")
         _require(self.timeout_s >= 1, f"train.timeout_s must be >= 1, got {self.timeout_s}")
+        _require(self.checkpoint_every_steps >= 0,
+                 f"train.checkpoint_every_steps must be >= 0, got {self.checkpoint_every_steps}")
+        for name in filter(None, (n.strip() for n in self.stop_signals.split(","))):
+            _require(name in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP"),
+                     f"train.stop_signals: {name} is not one of SIGTERM, SIGUSR1, SIGUSR2, SIGINT, SIGHUP")
 
 
 @dataclass(kw_only=True)

@@ -22,6 +22,7 @@ from job.data import DataError, Splits
 from job.distributed import LaunchError, Runtime
 from job.evaluate import evaluate
 from job.optim import build_optimizer, build_scheduler
+from job.preemption import PREEMPTED_EXIT_CODE, Preempted, StopSignal
 from job.tracking import Tracker, TrackingError
 from senet import senet
 
@@ -51,17 +52,21 @@ def prepare_out_dir(cfg: Config, runtime: Runtime) -> None:
 
 
 def train_one_epoch(model, optimizer, scheduler, scaler, splits: Splits, cfg: Config, runtime: Runtime,
-                    epoch: int, tracker: Tracker) -> dict:
-    """One pass over this rank's shard; returns loss and accuracy summed over all ranks (one sync)."""
+                    epoch: int, tracker: Tracker, start_step: int, sums: torch.Tensor, at_step_end) -> dict:
+    """This rank's shard of one epoch, from start_step; returns loss and accuracy summed over all ranks.
+
+    sums (loss, correct, count) carries what earlier launches counted of this epoch. at_step_end(step,
+    sums) runs after every optimizer step (the stop-signal check and step checkpoints live there).
+    """
     t = cfg.train
     per_rank = t.batch_size // runtime.world_size
     order = data.epoch_indices(len(splits.train_y), t.seed, epoch, runtime.rank, runtime.world_size)
     order = order.to(runtime.device)
     steps = len(order) // per_rank
-    sums = torch.zeros(3, dtype=torch.float64, device=runtime.device)  # loss, correct, count
     dtype = AUTOCAST[t.precision]
+    images = 0
     model.train()
-    for step in tracker.progress(range(steps), steps, f"epoch {epoch + 1}"):
+    for step in tracker.progress(range(start_step, steps), steps - start_step, f"epoch {epoch + 1}"):
         idx = order[step * per_rank:(step + 1) * per_rank]
         g = data.step_generator(t.seed, epoch, step, runtime.rank, runtime.device)
         x = data.normalize(data.augment(splits.train_x[idx], g, cfg.data.cutout), t.channels_last)
@@ -76,9 +81,11 @@ def train_one_epoch(model, optimizer, scheduler, scaler, splits: Splits, cfg: Co
         scheduler.step()
         sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
                              torch.tensor(float(len(y)), device=runtime.device, dtype=torch.float64)])
+        images += len(y) * runtime.world_size
+        at_step_end(step + 1, steps, sums)
     dist.all_reduce(sums)
     loss_sum, correct, count = sums.tolist()
-    return {"train_loss": loss_sum / count, "train_acc": correct / count, "images": int(count)}
+    return {"train_loss": loss_sum / count, "train_acc": correct / count, "images": images}
 
 
 def run(cfg: Config, runtime: Runtime, config_path: str | None) -> None:
@@ -99,7 +106,7 @@ def run(cfg: Config, runtime: Runtime, config_path: str | None) -> None:
     tracker = Tracker(cfg, runtime)
     tracker.info(f"senet-job: world_size {runtime.world_size}  nodes {runtime.num_nodes}  backend {runtime.backend}"
                  f"  device {runtime.device}  config {config_path or '(defaults)'}  out_dir {t.out_dir}"
-                 + (f"  resuming {resume_from} at epoch {state['epoch'] + 1}" if state else ""))
+                 + (f"  resuming {resume_from} at epoch {state['epoch'] + 1} step {state['step']}" if state else ""))
 
     torch.manual_seed(t.seed)
     model = senet(cfg.model.depth, width=cfg.model.width, reduction=cfg.model.reduction).to(runtime.device)
@@ -108,15 +115,16 @@ def run(cfg: Config, runtime: Runtime, config_path: str | None) -> None:
     optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t, steps_per_epoch)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=t.precision == "fp16")
-    start_epoch, best_acc, best_epoch, history, run_id = 0, -1.0, None, [], None
+    # where training stands: epochs done, steps done in the next one and their summed loss/correct/count
+    pos = {"epoch": 0, "step": 0, "partial": [0.0, 0.0, 0.0], "best_val_acc": -1.0, "best_epoch": None,
+           "history": [], "mlflow_run_id": None}
     if state:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
-        start_epoch, best_acc, best_epoch = state["epoch"], state["best_val_acc"], state["best_epoch"]
-        history, run_id = state["history"], state["mlflow_run_id"]
+        pos = {k: state[k] for k in pos}
 
     train_model = model
     if runtime.world_size > 1:
@@ -126,16 +134,41 @@ def run(cfg: Config, runtime: Runtime, config_path: str | None) -> None:
     train_model = torch.compile(train_model) if t.compile else train_model
     eval_kw = dict(batch_size=t.eval_batch_size, channels_last=t.channels_last,
                    autocast_dtype=AUTOCAST[t.precision])
+    ckpt_dir = checkpoint.directory(t.out_dir)
 
-    run_id = tracker.open(history, run_id)
+    def save(*names: str) -> None:
+        """Rank 0 writes the state and pos to each named file (the others skip: one writer)."""
+        if runtime.is_main:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                     "rng": {"torch": torch.get_rng_state()}, "config": cfg.to_dict(),
+                     "world_size": runtime.world_size, **pos}
+            for name in names:
+                checkpoint.save(state, ckpt_dir / name)
+
+    stop = StopSignal(t.stop_signals, runtime.backend)
+
+    def at_step_end(step: int, steps: int, sums: torch.Tensor) -> None:
+        stopping = stop.requested()
+        if stopping or (t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0 and step < steps):
+            totals = sums.clone()
+            dist.all_reduce(totals)
+            pos.update(step=step, partial=totals.tolist())
+            save("last.pt")
+        if stopping:
+            raise Preempted(f"{stop.received or 'a stop signal on another rank'} at epoch {pos['epoch'] + 1} step {step}")
+
+    pos["mlflow_run_id"] = tracker.open(pos["history"], pos["mlflow_run_id"])
     status = "FAILED"
     try:
-        stop = t.epochs if t.stop_after_epochs is None else min(t.epochs, start_epoch + t.stop_after_epochs)
-        ckpt_dir = checkpoint.directory(t.out_dir)
-        started = time.perf_counter()
-        for epoch in range(start_epoch, stop):
+        end = t.epochs if t.stop_after_epochs is None else min(t.epochs, pos["epoch"] + t.stop_after_epochs)
+        started, first = time.perf_counter(), pos["epoch"]
+        for epoch in range(pos["epoch"], end):
             tic = time.perf_counter()
-            stats = train_one_epoch(train_model, optimizer, scheduler, scaler, splits, cfg, runtime, epoch, tracker)
+            carried = torch.tensor(pos["partial"] if runtime.is_main else [0.0] * 3, dtype=torch.float64,
+                                   device=runtime.device)
+            stats = train_one_epoch(train_model, optimizer, scheduler, scaler, splits, cfg, runtime, epoch,
+                                    tracker, pos["step"], carried, at_step_end)
             train_s = time.perf_counter() - tic
             val = evaluate(eval_model, splits.val_x, splits.val_y, runtime, **eval_kw)
             val_acc = val.accuracy if val else None
@@ -143,35 +176,35 @@ def run(cfg: Config, runtime: Runtime, config_path: str | None) -> None:
                       "val_loss": val.loss if val else None, "val_acc": val_acc,
                       "lr": scheduler.get_last_lr()[0], "images_per_sec": stats["images"] / train_s,
                       "epoch_time_s": time.perf_counter() - tic}
-            history.append(record)
-            is_best = val_acc is None or val_acc > best_acc
+            is_best = val_acc is None or val_acc > pos["best_val_acc"]
             if is_best:
-                best_acc, best_epoch = (val_acc if val_acc is not None else -1.0), epoch
-            if runtime.is_main:  # the checkpoint first: it is the record that a resume trusts
-                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
-                         "best_val_acc": best_acc, "best_epoch": best_epoch, "history": history,
-                         "rng": {"torch": torch.get_rng_state()}, "config": cfg.to_dict(),
-                         "mlflow_run_id": run_id, "world_size": runtime.world_size}
-                checkpoint.save(state, ckpt_dir / "last.pt")
-                if is_best:
-                    checkpoint.save(state, ckpt_dir / "best.pt")
-            per_epoch = (time.perf_counter() - started) / (epoch + 1 - start_epoch)
+                pos.update(best_val_acc=-1.0 if val_acc is None else val_acc, best_epoch=epoch)
+            pos.update(epoch=epoch + 1, step=0, partial=[0.0, 0.0, 0.0])
+            pos["history"].append(record)
+            save("last.pt", *(["best.pt"] if is_best else []))  # first: the checkpoint is what a resume trusts
+            per_epoch = (time.perf_counter() - started) / (epoch + 1 - first)
             tracker.log_epoch(record, t.epochs, eta_s=per_epoch * (t.epochs - epoch - 1))
-        if stop < t.epochs:
-            tracker.info(f"stopped after epoch {stop} of {t.epochs} (train.stop_after_epochs); "
+            if stop.requested():
+                raise Preempted(f"{stop.received or 'a stop signal on another rank'} at the end of epoch {epoch + 1}")
+        if end < t.epochs:
+            tracker.info(f"stopped after epoch {end} of {t.epochs} (train.stop_after_epochs); "
                          f"run again with train.resume=auto to continue")
             status = "KILLED"
             return
         dist.barrier()  # best.pt is complete before any rank reads it
         model.load_state_dict(checkpoint.load(ckpt_dir / "best.pt")["model"])
         test = evaluate(eval_model, splits.test_x, splits.test_y, runtime, **eval_kw)
-        best_val = best_acc if best_acc >= 0 else None
-        tracker.log_final({"test_acc": test.accuracy, "test_loss": test.loss, "best_epoch": best_epoch,
+        best_val = pos["best_val_acc"] if pos["best_val_acc"] >= 0 else None
+        tracker.log_final({"test_acc": test.accuracy, "test_loss": test.loss, "best_epoch": pos["best_epoch"],
                            "best_val_acc": best_val, "test_images": test.count},
-                          history, test.confusion, ckpt_dir / "best.pt")
+                          pos["history"], test.confusion, ckpt_dir / "best.pt")
         tracker.register(model, splits.test_x[:4], val_acc=best_val, test_acc=test.accuracy)
         status = "FINISHED"
+    except Preempted as e:
+        tracker.info(f"preempted: {e}; checkpoint {ckpt_dir / 'last.pt'} written, exiting {PREEMPTED_EXIT_CODE} "
+                     f"so that the launcher retries; the next launch resumes")
+        status = "KILLED"
+        raise
     finally:
         tracker.close(status)
 
@@ -200,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         _error(str(e))
         return 2 if isinstance(e, ConfigError) else 1
+    except Preempted:
+        return PREEMPTED_EXIT_CODE
     finally:
         distributed.teardown()
 

@@ -106,3 +106,20 @@ def mlflow_server(tmp_path_factory):
     server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
     yield server
     server.stop()
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant (torchrun's workers live in their own process groups)."""
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    procs = [parent, *parent.children(recursive=True)]
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)

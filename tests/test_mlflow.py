@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -10,7 +9,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import ROOT, TINY, MlflowServer, free_port, job_env, read_metrics, run_job
+from tests.conftest import ROOT, TINY, MlflowServer, free_port, job_env, kill_tree, read_metrics, run_job
 
 TRACKED = [a for a in TINY if not a.startswith("mlflow.")]
 
@@ -128,7 +127,7 @@ def test_killed_after_an_epoch_and_resumed_keeps_one_run(mlflow_server, tmp_path
     while not (last.exists() and torch.load(last, weights_only=True)["epoch"] >= 1):
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # no chance to clean up: the worst case
+    kill_tree(proc.pid)  # no chance to clean up: the worst case
     proc.wait()
     client = mlflow_server.client()
     killed = only_run(client, "resumed")

@@ -1,0 +1,109 @@
+"""Signals and kills mid-epoch: all ranks stop at one step, checkpoint, and the resume is bit for bit."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+
+from job.preemption import PREEMPTED_EXIT_CODE
+from tests.conftest import ROOT, TINY, job_env, kill_tree, read_metrics, run_job
+
+COMMON = [*TINY, "train.epochs=3", "data.train_subset=1024"]
+TIME_KEYS = {"images_per_sec", "epoch_time_s"}
+
+
+def ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted 2-rank run every interrupted one must equal."""
+    out = tmp_path_factory.mktemp("straight") / "out"
+    result = run_job([*COMMON, f"train.out_dir={out}"], nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def launch(out, *extra) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "job.train",
+           *COMMON, f"train.out_dir={out}", *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def wait_until(predicate, proc, timeout=240):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def last_step(out) -> tuple[int, int]:
+    path = out / "checkpoints" / "last.pt"
+    if not path.exists():
+        return (0, 0)
+    state = ckpt(path)
+    return state["epoch"], state["step"]
+
+
+def worker(proc, rank: int) -> psutil.Process:
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank) and "job.train" in " ".join(child.cmdline()):
+                return child
+        except psutil.Error:
+            continue
+    raise AssertionError(f"no worker of rank {rank}")
+
+
+def assert_same_as(straight, out):
+    a, b = ckpt(straight / "checkpoints" / "last.pt"), ckpt(out / "checkpoints" / "last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # bit for bit
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    ma, mb = read_metrics(straight), read_metrics(out)
+    assert [r.get("epoch") for r in mb] == [0, 1, 2, None]
+    for ra, rb in zip(ma, mb):
+        for key in ra.keys() - TIME_KEYS:
+            assert ra[key] == pytest.approx(rb[key], rel=1e-12), key  # partial sums add in another order
+
+
+@pytest.mark.parametrize("signum,target", [(signal.SIGUSR1, "rank 1"), (signal.SIGTERM, "torchrun")])
+def test_signal_stops_every_rank_at_one_step_and_resume_is_exact(straight, tmp_path, signum, target):
+    """SIGUSR1 to one worker (as Slurm sends it) or SIGTERM to torchrun (as Kubernetes does)."""
+    out = tmp_path / "out"
+    proc = launch(out)
+    wait_until(lambda: last_step(out)[0] >= 1, proc)  # inside epoch 2
+    (worker(proc, 1) if target == "rank 1" else psutil.Process(proc.pid)).send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0  # never mistaken for a finished job
+    assert "preempted: " in stdout and f"exiting {PREEMPTED_EXIT_CODE}" in stdout
+    epoch, step = last_step(out)
+    assert (epoch, step) != (3, 0)  # stopped before the end
+    if target == "rank 1":
+        assert f"exitcode  : {PREEMPTED_EXIT_CODE}" in stderr  # torchrun's report of the worker
+
+    resumed = run_job([*COMMON, f"train.out_dir={out}"], nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at epoch {epoch + 1} step {step}" in resumed.stdout
+    assert_same_as(straight, out)
+
+
+def test_kill_after_a_step_checkpoint_resumes_mid_epoch_exactly(straight, tmp_path):
+    out = tmp_path / "out"
+    proc = launch(out, "train.checkpoint_every_steps=3")
+    wait_until(lambda: last_step(out)[1] > 0, proc)  # a mid-epoch checkpoint
+    kill_tree(proc.pid)
+    proc.wait()
+    epoch, step = last_step(out)
+    assert step % 3 == 0 and step > 0
+    resumed = run_job([*COMMON, f"train.out_dir={out}", "train.checkpoint_every_steps=3"], nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at epoch {epoch + 1} step {step}" in resumed.stdout
+    assert_same_as(straight, out)
