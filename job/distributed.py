@@ -27,6 +27,7 @@ class Runtime:
     num_nodes: int
     device: torch.device
     backend: str
+    node_rank: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -67,7 +68,19 @@ def setup(device_preference: str, timeout_s: int) -> Runtime:
         dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-    return Runtime(rank, local_rank, world_size, local_world_size, num_nodes, device, backend)
+    node_rank = _env_int("GROUP_RANK", 0)
+    return Runtime(rank, local_rank, world_size, local_world_size, num_nodes, device, backend, node_rank)
+
+
+def layout(runtime: Runtime) -> str:
+    """'node 0: ranks 0-3; node 1: ranks 4-7' from every rank's node rank (a collective)."""
+    node_of = [0] * runtime.world_size
+    dist.all_gather_object(node_of, runtime.node_rank)
+    nodes = {}
+    for rank, node in enumerate(node_of):
+        nodes.setdefault(node, []).append(rank)
+    return "; ".join(f"node {n}: ranks {r[0]}-{r[-1]}" if len(r) > 1 else f"node {n}: rank {r[0]}"
+                     for n, r in sorted(nodes.items()))
 
 
 def teardown() -> None:

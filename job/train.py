@@ -104,7 +104,9 @@ def run(cfg: Config, runtime: Runtime, config_path: str | None) -> None:
                           f"({len(splits.train_y)} images)")
     prepare_out_dir(cfg, runtime)
     tracker = Tracker(cfg, runtime)
-    tracker.info(f"senet-job: world_size {runtime.world_size}  nodes {runtime.num_nodes}  backend {runtime.backend}"
+    placement = distributed.layout(runtime)
+    tracker.info(f"senet-job: world_size {runtime.world_size}  nodes {runtime.num_nodes} ({placement})"
+                 f"  backend {runtime.backend}"
                  f"  device {runtime.device}  config {config_path or '(defaults)'}  out_dir {t.out_dir}"
                  + (f"  resuming {resume_from} at epoch {state['epoch'] + 1} step {state['step']}" if state else ""))
 
