@@ -32,6 +32,14 @@ def tracking_uri(configured: str) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / DEFAULT_STORE}"
 
 
+def fail_fast() -> None:
+    """Unless the user set them: few HTTP retries, so that an absent server costs seconds, not minutes,
+    while every rank waits (MLflow's own defaults retry for minutes)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     """{'train': {'lr': 0.1}} -> {'train.lr': 0.1}"""
     flat = {}
@@ -123,10 +131,7 @@ class Tracker:
         return self.run_id
 
     def _open_mlflow(self, history: list[dict], run_id: str | None) -> None:
-        # Fail fast rather than let MLflow's client retry for minutes while all ranks wait.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        fail_fast()
         import mlflow
 
         uri = tracking_uri(self.cfg.mlflow.tracking_uri)

@@ -107,3 +107,33 @@ def test_kill_after_a_step_checkpoint_resumes_mid_epoch_exactly(straight, tmp_pa
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at epoch {epoch + 1} step {step}" in resumed.stdout
     assert_same_as(straight, out)
+
+
+def test_torchrun_restarts_after_repeated_sigkills_and_ends_bit_for_bit(straight, tmp_path):
+    """SIGKILL rank 1 three times at different steps under --max-restarts=3: each restart resumes."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=3",
+           "-m", "job.train", *COMMON, f"train.out_dir={out}", "train.checkpoint_every_steps=4"]
+    env = job_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")  # as README, sbatch and manifests set it
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        seen = (0, 0)
+        for attempt in range(3):
+            wait_until(lambda: last_step(out) > seen, proc)  # progress since the last kill
+            victim = None
+            while victim is None:
+                try:
+                    w = worker(proc, 1)
+                    victim = w if w.environ().get("TORCHELASTIC_RESTART_COUNT") == str(attempt) else None
+                except (AssertionError, psutil.Error):
+                    pass
+                assert proc.poll() is None
+            seen = last_step(out)
+            victim.kill()
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        kill_tree(proc.pid)
+    assert proc.returncode == 0, stderr[-4000:]
+    assert stdout.count("resuming") == 3
+    assert_same_as(straight, out)

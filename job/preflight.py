@@ -1,0 +1,134 @@
+"""Checks, in seconds and on the real allocation, that a big launch will not fail for a boring reason.
+
+    torchrun ... -m job.preflight [--config FILE] [section.key=value ...]     (the same arguments as job.train)
+
+Rendezvous, an all-reduce across every rank (with its bus bandwidth), each local rank's device, the data,
+out_dir writable, MLflow reachable. Rank 0 prints a pass/fail table; the exit code is 1 if any check failed.
+"""
+
+import argparse
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from job import config, data, distributed
+from job.config import ConfigError
+from job.distributed import Runtime
+
+
+def check_allreduce(runtime: Runtime, megabytes: int = 64) -> str:
+    """Sum a buffer across all ranks; verify the result and report the bus bandwidth (ring formula)."""
+    n = megabytes * 2**20 // 4
+    x = torch.full((n,), float(runtime.rank + 1), device=runtime.device)
+    dist.all_reduce(x)  # warm-up, and the correctness check
+    expected = runtime.world_size * (runtime.world_size + 1) / 2
+    if not torch.all(x == expected):
+        raise RuntimeError(f"all-reduce gave {x[0].item()} instead of {expected}")
+    if runtime.device.type == "cuda":
+        torch.cuda.synchronize()
+    tic, reps = time.perf_counter(), 3
+    for _ in range(reps):
+        dist.all_reduce(x)
+    x[0].item()
+    seconds = (time.perf_counter() - tic) / reps
+    bus = 2 * (runtime.world_size - 1) / runtime.world_size * n * 4 / seconds / 1e9
+    return f"{megabytes} MB in {seconds * 1e3:.1f} ms, bus bandwidth {bus:.2f} GB/s"
+
+
+def check_devices(runtime: Runtime) -> str:
+    """Every rank's host and device, so a wrong CUDA_VISIBLE_DEVICES or a missing GPU shows."""
+    name = torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else "cpu"
+    entries = [None] * runtime.world_size
+    dist.all_gather_object(entries, f"{socket.gethostname()}/{runtime.device}({name})")
+    return ", ".join(f"rank {r}: {e}" for r, e in enumerate(entries))
+
+
+def check_data(cfg: config.Config) -> str:
+    if cfg.data.source == "synthetic":
+        return "synthetic source: nothing to check"
+    data.check(cfg.data.root, cfg.data.verify)
+    return f"CIFAR-10 under {cfg.data.root} present" + (" and md5-verified" if cfg.data.verify else "")
+
+
+def check_out_dir(cfg: config.Config) -> str:
+    out = Path(cfg.train.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    probe = out / f".preflight-{socket.gethostname()}-{os.getpid()}"
+    probe.write_bytes(b"ok")
+    probe.unlink()
+    return f"{out} writable"
+
+
+def check_mlflow(cfg: config.Config) -> str:
+    if not cfg.mlflow.enabled:
+        return "mlflow.enabled=false: skipped"
+    from job.tracking import fail_fast, tracking_uri
+
+    fail_fast()
+    import mlflow
+
+    uri = tracking_uri(cfg.mlflow.tracking_uri)
+    mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    return f"{config.redact(uri)} answers"
+
+
+def run_checks(cfg: config.Config, runtime: Runtime, rendezvous_s: float) -> list[tuple[str, bool, str]]:
+    """(check, passed, detail) for each check; collectives run on every rank, file checks once per node."""
+    results = [("rendezvous", True, f"world_size {runtime.world_size}, nodes {runtime.num_nodes}, "
+                                    f"backend {runtime.backend}, {rendezvous_s:.1f} s")]
+    checks = [("all-reduce", lambda: check_allreduce(runtime)), ("devices", lambda: check_devices(runtime))]
+    if runtime.local_rank == 0:
+        checks += [("data", lambda: check_data(cfg)), ("out_dir", lambda: check_out_dir(cfg))]
+    if runtime.is_main:
+        checks.append(("mlflow", lambda: check_mlflow(cfg)))
+    for name, check in checks:
+        try:
+            results.append((name, True, check()))
+        except Exception as e:
+            results.append((name, False, (str(e).strip().splitlines() or [type(e).__name__])[0]))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m job.preflight", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="the job's YAML config")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config.load(args.config, args.overrides)
+    except ConfigError as e:
+        if distributed.env_rank() == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    tic = time.perf_counter()
+    try:
+        runtime = distributed.setup(cfg.train.device, cfg.train.timeout_s)
+    except Exception as e:
+        print(f"preflight: FAIL rendezvous on rank {distributed.env_rank()}: {e}", file=sys.stderr)
+        return 1
+    try:
+        results = run_checks(cfg, runtime, time.perf_counter() - tic)
+        gathered = [None] * runtime.world_size
+        dist.all_gather_object(gathered, results)
+    finally:
+        distributed.teardown()
+    failed = False
+    if runtime.is_main:
+        print(f"{'check':<11} {'rank':>4}  result  detail")
+        for rank, rows in enumerate(gathered):
+            for name, ok, detail in rows:
+                if rank == 0 or not ok or name in ("data", "out_dir"):
+                    print(f"{name:<11} {rank:>4}  {'pass' if ok else 'FAIL':<6}  {detail}")
+    failed = any(not ok for rows in gathered for _, ok, _ in rows)
+    if runtime.is_main:
+        print("preflight: " + ("FAILED" if failed else "all checks passed"))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

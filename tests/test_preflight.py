@@ -1,0 +1,33 @@
+"""python -m job.preflight: a pass/fail table from rank 0, non-zero exit on any failure."""
+
+from tests.conftest import TINY, run_job
+
+
+def test_two_ranks_pass(tmp_path):
+    result = run_job(["data.source=synthetic", "mlflow.enabled=false", f"train.out_dir={tmp_path / 'out'}"],
+                     nproc=2, module="job.preflight")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["check", "rank", "result", "detail"]
+    for check in ("rendezvous", "all-reduce", "devices", "data", "out_dir", "mlflow"):
+        assert any(line.startswith(check) and " pass " in line for line in lines), check
+    assert "world_size 2" in result.stdout and "bus bandwidth" in result.stdout and "rank 1: " in result.stdout
+    assert lines[-1] == "preflight: all checks passed"
+    assert list((tmp_path / "out").iterdir()) == []  # the probe file is gone
+
+
+def test_failures_are_listed_and_exit_non_zero(tmp_path):
+    (tmp_path / "file").write_text("")
+    result = run_job(["data.source=cifar10", f"data.root={tmp_path / 'nodata'}", "mlflow.tracking_uri=http://127.0.0.1:9",
+                      f"train.out_dir={tmp_path / 'file' / 'out'}"], module="job.preflight")
+    assert result.returncode == 1
+    fails = [line for line in result.stdout.splitlines() if " FAIL " in line]
+    assert [line.split()[0] for line in fails] == ["data", "out_dir", "mlflow"]
+    assert "python -m job.data download" in fails[0]
+    assert result.stdout.splitlines()[-1] == "preflight: FAILED"
+
+
+def test_bad_config_is_one_line(tmp_path):
+    result = run_job([*TINY, "train.epochz=1"], module="job.preflight")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: unknown key train.epochz — did you mean train.epochs?"
