@@ -15,8 +15,16 @@ def directory(out_dir: str) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
-def save(state: dict, path: Path) -> None:
-    """Write state to path so that a crash at any moment leaves either the old file or the new one."""
+def previous(path: Path) -> Path:
+    """Where save(..., keep_previous=True) moves the file it replaces."""
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def save(state: dict, path: Path, keep_previous: bool = False) -> None:
+    """Write state to path so that a crash at any moment leaves either the old file or the new one.
+
+    keep_previous moves the old file to previous(path) first: a fallback should the new one be unreadable.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -24,6 +32,8 @@ def save(state: dict, path: Path) -> None:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous and path.exists():
+            os.replace(path, previous(path))
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
         try:
@@ -47,16 +57,31 @@ def load(path: str | Path) -> dict:
                               f"it is corrupt or not a senet-job checkpoint") from None
 
 
-def resume_path(resume: str, out_dir: str) -> Path | None:
-    """The checkpoint to continue from (None: start fresh), following train.resume.
+def resume_from(resume: str, out_dir: str, warn) -> tuple[Path, dict] | None:
+    """(path, state) of the checkpoint to continue from, or None to start fresh, following train.resume.
 
-    `never` refuses an out_dir that already holds a checkpoint, so that nothing trained is overwritten.
+    `auto` falls back to last.prev.pt (with a warning) when last.pt is missing or unreadable; `never`
+    refuses an out_dir that already holds a checkpoint, so that nothing trained is overwritten.
     """
+    path = resume_path(resume, out_dir)
+    if path is None:
+        return None
+    try:
+        return path, load(path)
+    except CheckpointError as e:
+        if resume != "auto" or not previous(path).is_file():
+            raise
+        warn(f"{e}; using the previous checkpoint {previous(path)}")
+        return previous(path), load(previous(path))
+
+
+def resume_path(resume: str, out_dir: str) -> Path | None:
+    """The checkpoint file train.resume names (None: start fresh)."""
     last = directory(out_dir) / "last.pt"
     if resume == "auto":
-        return last if last.is_file() else None
+        return last if last.is_file() or previous(last).is_file() else None
     if resume == "never":
-        if last.is_file():
+        if last.is_file() or previous(last).is_file():
             raise CheckpointError(f"{out_dir} already holds a checkpoint ({last}); use train.resume=auto to "
                                   f"continue it or choose another train.out_dir")
         return None

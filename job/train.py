@@ -93,8 +93,8 @@ def run(cfg: Config, runtime: Runtime, config_path: str | None) -> None:
     t = cfg.train
     if t.batch_size % runtime.world_size:
         raise ConfigError(f"train.batch_size {t.batch_size} is not divisible by the world size {runtime.world_size}")
-    resume_from = checkpoint.resume_path(t.resume, t.out_dir)
-    state = checkpoint.load(resume_from) if resume_from else None
+    found = checkpoint.resume_from(t.resume, t.out_dir, warn=_warning)
+    resume_from, state = found if found else (None, None)
     if state:
         checkpoint.check_model(state, cfg.to_dict()["model"], resume_from)
     splits = data.load_splits(cfg.data, runtime)  # before out_dir: a launch that fails here changes nothing
@@ -146,7 +146,7 @@ def run(cfg: Config, runtime: Runtime, config_path: str | None) -> None:
                      "rng": {"torch": torch.get_rng_state()}, "config": cfg.to_dict(),
                      "world_size": runtime.world_size, **pos}
             for name in names:
-                checkpoint.save(state, ckpt_dir / name)
+                checkpoint.save(state, ckpt_dir / name, keep_previous=name == "last.pt")
 
     stop = StopSignal(t.stop_signals, runtime.backend)
 
@@ -209,6 +209,12 @@ def run(cfg: Config, runtime: Runtime, config_path: str | None) -> None:
         raise
     finally:
         tracker.close(status)
+
+
+def _warning(message: str) -> None:
+    """A warning line on stderr, from global rank 0 only."""
+    if distributed.env_rank() == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _error(message: str) -> None:

@@ -1,5 +1,6 @@
 """Signals and kills mid-epoch: all ranks stop at one step, checkpoint, and the resume is bit for bit."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -136,4 +137,49 @@ def test_torchrun_restarts_after_repeated_sigkills_and_ends_bit_for_bit(straight
         kill_tree(proc.pid)
     assert proc.returncode == 0, stderr[-4000:]
     assert stdout.count("resuming") == 3
+    assert_same_as(straight, out)
+
+
+def test_unreadable_newest_checkpoint_falls_back_to_the_previous_one(straight, tmp_path):
+    out = tmp_path / "out"
+    first = run_job([*COMMON, f"train.out_dir={out}", "train.stop_after_epochs=2"], nproc=2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    last = out / "checkpoints" / "last.pt"
+    assert ckpt(out / "checkpoints" / "last.prev.pt")["epoch"] == 1
+    last.write_bytes(last.read_bytes()[:1000])  # a torn file, as a dying disk or node leaves it
+    resumed = run_job([*COMMON, f"train.out_dir={out}"], nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"warning: cannot read checkpoint {last}" in resumed.stderr
+    assert "using the previous checkpoint" in resumed.stderr and "at epoch 2 step 0" in resumed.stdout
+    assert_same_as(straight, out)
+
+
+def test_killed_during_a_save_leaves_a_usable_checkpoint(straight, tmp_path):
+    """torch.save of the second last.pt writes half the file and stalls; then everything is SIGKILLed."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os, time, torch\n"
+        "_save, _calls = torch.save, []\n"
+        "def save(obj, f, *a, **k):\n"
+        "    if 'last.pt' in str(getattr(f, 'name', f)):\n"
+        "        _calls.append(1)\n"
+        "        if len(_calls) == 2:\n"
+        "            f.write(b'x' * 100000); f.flush()\n"
+        f"            open({str(tmp_path / 'saving')!r}, 'w').close()\n"
+        "            time.sleep(600)\n"
+        "    return _save(obj, f, *a, **k)\n"
+        "torch.save = save\n")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "job.train",
+           *COMMON, f"train.out_dir={out}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=job_env(PYTHONPATH=f"{site}{os.pathsep}{ROOT}"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_until(lambda: (tmp_path / "saving").exists(), proc)
+    kill_tree(proc.pid)
+    assert (out / "checkpoints" / ".last.pt.tmp").stat().st_size == 100000  # the half-written file
+    assert ckpt(out / "checkpoints" / "last.pt")["epoch"] == 1  # the old one, whole
+    resumed = run_job([*COMMON, f"train.out_dir={out}"], nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "at epoch 2 step 0" in resumed.stdout
     assert_same_as(straight, out)
