@@ -6,10 +6,15 @@ Under torchrun the environment (RANK, WORLD_SIZE, LOCAL_RANK, ...) describes the
 
 import datetime
 import os
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective timed out; the message names the ranks that did not answer."""
 
 
 class LaunchError(RuntimeError):
@@ -69,6 +74,8 @@ def setup(device_preference: str, timeout_s: int) -> Runtime:
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     node_rank = _env_int("GROUP_RANK", 0)
+    global _health_group
+    _health_group = dist.new_group(backend="gloo")  # made now: once a rank is stuck, no new group forms
     return Runtime(rank, local_rank, world_size, local_world_size, num_nodes, device, backend, node_rank)
 
 
@@ -81,6 +88,28 @@ def layout(runtime: Runtime) -> str:
         nodes.setdefault(node, []).append(rank)
     return "; ".join(f"node {n}: ranks {r[0]}-{r[-1]}" if len(r) > 1 else f"node {n}: rank {r[0]}"
                      for n, r in sorted(nodes.items()))
+
+
+_health_group = None
+
+
+def diagnose_timeout(error: Exception, timeout_s: int, probe_s: int = 10) -> Exception:
+    """After a timed-out collective: ask every rank over a spare gloo group who is still there.
+
+    Returns a CollectiveTimeout naming the ranks that did not answer (dead or stuck), or error itself
+    if it was not a timeout.
+    """
+    if "timed out" not in str(error).lower() or _health_group is None:
+        return error
+    try:
+        dist.monitored_barrier(group=_health_group, timeout=datetime.timedelta(seconds=probe_s), wait_all_ranks=True)
+        missing = "every rank answered a probe afterwards, so one was only slow"
+    except RuntimeError as e:  # gloo: "[Rank 0]: Ranks 1, 3 failed to pass monitoredBarrier in 10000 ms"
+        found = re.search(r"Ranks? ([\d, ]+) failed to pass", str(e))
+        missing = (f"rank(s) {found.group(1).strip()} did not answer a {probe_s}s probe" if found
+                   else (str(e).splitlines() or ["no answer"])[0])
+    return CollectiveTimeout(f"a collective timed out after {timeout_s}s (train.timeout_s) on rank "
+                             f"{dist.get_rank()}: {missing} — a rank is dead or stuck; see its log")
 
 
 def teardown() -> None:

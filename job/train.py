@@ -243,6 +243,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if isinstance(e, ConfigError) else 1
     except Preempted:
         return PREEMPTED_EXIT_CODE
+    except RuntimeError as e:  # torch.distributed's errors derive from it; a timeout is told apart here
+        diagnosis = distributed.diagnose_timeout(e, cfg.train.timeout_s)
+        if diagnosis is e:
+            raise
+        print(f"error: {diagnosis}", file=sys.stderr, flush=True)
+        raise diagnosis from e  # @record puts it, naming the ranks, in torchrun's error file
     finally:
         distributed.teardown()
 
