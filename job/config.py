@@ -6,6 +6,7 @@ that names the key.
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -219,6 +220,13 @@ def _coerce(key: str, value, annotation):
             return value
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                number = float(value)
+            except ValueError:
+                continue
+            if math.isfinite(number):
+                return number
         if kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     names = " or ".join({bool: "a boolean", int: "an integer", float: "a number", str: "a string",

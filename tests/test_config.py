@@ -23,6 +23,14 @@ def test_yaml_then_overrides_win(tmp_path):
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
 
 
+def test_exponent_without_a_dot_is_a_number(tmp_path):
+    (tmp_path / "c.yaml").write_text("train:\n  weight_decay: 5e-4\n")
+    cfg = config.load(str(tmp_path / "c.yaml"), ["train.lr=1e-3"])
+    assert cfg.train.lr == 0.001 and cfg.train.weight_decay == 0.0005
+    with pytest.raises(ConfigError, match="train.lr must be a number, got 'inf'"):
+        config.load(None, ["train.lr=inf"])
+
+
 def test_string_override_is_kept_verbatim():
     cfg = config.load(None, ["data.md5=12345678901234567890123456789012", "train.out_dir=1e5"])
     assert cfg.data.md5 == "12345678901234567890123456789012" and cfg.train.out_dir == "1e5"
