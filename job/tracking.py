@@ -72,6 +72,39 @@ def git_commit() -> tuple[str, bool] | None:
     return commit, bool(dirty)
 
 
+class StepClock:
+    """Marks at step boundaries: CUDA events (read at the epoch's end, where the job syncs anyway), or
+    perf_counter on the CPU; inert when disabled. The first mark of a process also records the seconds
+    since the process started (launch to first step)."""
+
+    _launched = False  # whether this process has made its first mark
+
+    def __init__(self, device: torch.device, enabled: bool):
+        self.enabled, self.cuda = enabled, device.type == "cuda"
+        self.marks: list = []
+        self.since_launch_s: float | None = None
+
+    def mark(self) -> None:
+        if not self.enabled:
+            return
+        if not self.marks and not StepClock._launched:
+            import psutil
+
+            StepClock._launched = True
+            self.since_launch_s = time.time() - psutil.Process().create_time()
+        if self.cuda:
+            self.marks.append(torch.cuda.Event(enable_timing=True))
+            self.marks[-1].record()
+        else:
+            self.marks.append(time.perf_counter())
+
+    def durations(self) -> list[float]:
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return [a.elapsed_time(b) / 1000 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
 def _reason(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
@@ -107,6 +140,23 @@ class Tracker:
         from tqdm import tqdm
 
         return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+    def step_clock(self) -> StepClock:
+        """A clock for one epoch's steps; inert unless train.step_times and rank 0."""
+        return StepClock(self.runtime.device, self.active and self.cfg.train.step_times)
+
+    def log_steps(self, epoch: int, first_step: int, clock: StepClock) -> None:
+        """One steps.jsonl line per step: epoch, step, seconds; the launch's first step adds since_launch_s."""
+        if not clock.enabled:
+            return
+        lines = []
+        for i, seconds in enumerate(clock.durations()):
+            record = {"epoch": epoch, "step": first_step + i, "step_s": seconds}
+            if i == 0 and clock.since_launch_s is not None:
+                record["since_launch_s"] = clock.since_launch_s
+            lines.append(json.dumps(record) + "\n")
+        with open(self.metrics_path.with_name("steps.jsonl"), "a") as f:
+            f.writelines(lines)
 
     # ---- the run --------------------------------------------------------------------------------------
     def open(self, history: list[dict], run_id: str | None) -> str | None:

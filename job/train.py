@@ -12,10 +12,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel
 
-from job import checkpoint, config, data, distributed
+from job import checkpoint, config, data, distributed, host
 from job.checkpoint import CheckpointError
 from job.config import Config, ConfigError
 from job.data import DataError, Splits
@@ -28,6 +29,13 @@ from senet import senet
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, LaunchError, TrackingError)
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """train.precision as an autocast dtype (None: fp32); auto is bf16 on CUDA, fp32 on the CPU."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return AUTOCAST[precision]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -63,10 +71,12 @@ def train_one_epoch(model, optimizer, scheduler, scaler, splits: Splits, cfg: Co
     order = data.epoch_indices(len(splits.train_y), t.seed, epoch, runtime.rank, runtime.world_size)
     order = order.to(runtime.device)
     steps = len(order) // per_rank
-    dtype = AUTOCAST[t.precision]
+    dtype = autocast_dtype(t.precision, runtime.device)
     images = 0
+    clock = tracker.step_clock()
     model.train()
     for step in tracker.progress(range(start_step, steps), steps - start_step, f"epoch {epoch + 1}"):
+        clock.mark()
         idx = order[step * per_rank:(step + 1) * per_rank]
         g = data.step_generator(t.seed, epoch, step, runtime.rank, runtime.device)
         x = data.normalize(data.augment(splits.train_x[idx], g, cfg.data.cutout), t.channels_last)
@@ -79,10 +89,14 @@ def train_one_epoch(model, optimizer, scheduler, scaler, splits: Splits, cfg: Co
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
-                             torch.tensor(float(len(y)), device=runtime.device, dtype=torch.float64)])
+        # in place on the device; no tensor made from a host number (on CUDA that would sync every step)
+        sums[0] += loss.detach().double() * len(y)
+        sums[1] += (logits.argmax(1) == y).sum()
+        sums[2] += len(y)
         images += len(y) * runtime.world_size
         at_step_end(step + 1, steps, sums)
+    clock.mark()
+    tracker.log_steps(epoch, start_step, clock)
     dist.all_reduce(sums)
     loss_sum, correct, count = sums.tolist()
     return {"train_loss": loss_sum / count, "train_acc": correct / count, "images": images}
@@ -130,12 +144,16 @@ def run(cfg: Config, runtime: Runtime, config_path: str | None) -> None:
 
     train_model = model
     if runtime.world_size > 1:
+        # static_graph: every parameter is used in every step, the graph never changes
         train_model = DistributedDataParallel(model, device_ids=[runtime.device] if runtime.device.type == "cuda"
-                                              else None, gradient_as_bucket_view=True)
+                                              else None, gradient_as_bucket_view=True, static_graph=True,
+                                              bucket_cap_mb=t.bucket_mb)
+        if t.grad_compression == "bf16":
+            train_model.register_comm_hook(None, default_hooks.bf16_compress_hook)
     eval_model = torch.compile(model) if t.compile else model
     train_model = torch.compile(train_model) if t.compile else train_model
     eval_kw = dict(batch_size=t.eval_batch_size, channels_last=t.channels_last,
-                   autocast_dtype=AUTOCAST[t.precision])
+                   autocast_dtype=autocast_dtype(t.precision, runtime.device))
     ckpt_dir = checkpoint.directory(t.out_dir)
 
     def save(*names: str) -> None:
@@ -236,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         runtime = distributed.setup(cfg.train.device, cfg.train.timeout_s)
+        host.tune(cfg.train, runtime)
         run(cfg, runtime, args.config)
         return 0
     except USER_ERRORS as e:

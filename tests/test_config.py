@@ -56,7 +56,7 @@ def test_dump_round_trips(tmp_path):
     (["data.val_size=50000"], "data.val_size must be in [0, 50000), got 50000"),
     (["data.source=imagenet"], "data.source must be cifar10 or synthetic, got 'imagenet'"),
     (["model.depth=50"], "model.depth must be 18 or 34, got 50"),
-    (["train.precision=fp8"], "train.precision must be fp32, bf16 or fp16, got 'fp8'"),
+    (["train.precision=fp8"], "train.precision must be auto, fp32, bf16 or fp16, got 'fp8'"),
     (["epochs=3"], "override 'epochs=3' must look like section.key=value"),
     (["train.epochs"], "override 'train.epochs' must look like section.key=value"),
 ])

@@ -1,0 +1,161 @@
+"""What every part shares: modes, step timing, peak memory, machine facts."""
+
+import ctypes
+import ctypes.util
+import datetime
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+MODE_TOKENS = ("eager, fp32, channels_last, bf16, fp16, compile, compile:<torch.compile mode>, foreach, fused, "
+               "malloc_cache")
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One setting of the step, named by '+'-joined tokens: 'eager', 'compile+channels_last', 'bf16+fused'."""
+
+    name: str
+    channels_last: bool = False
+    precision: str = "fp32"
+    compile: str | None = None
+    """None (eager), 'default', or a torch.compile mode such as 'max-autotune-no-cudagraphs'."""
+    optimizer: str = "default"
+    """SGD implementation: default (PyTorch's choice), foreach or fused."""
+    malloc_cache: bool = False
+    """glibc keeps freed memory for reuse instead of unmapping it (see keep_freed_memory)."""
+
+    @classmethod
+    def parse(cls, name: str) -> "Mode":
+        kw = {}
+        for token in name.split("+"):
+            if token in ("eager", "fp32"):
+                continue
+            if token == "channels_last":
+                kw["channels_last"] = True
+            elif token in ("bf16", "fp16"):
+                kw["precision"] = token
+            elif token == "compile" or token.startswith("compile:"):
+                kw["compile"] = token.partition(":")[2] or "default"
+            elif token in ("foreach", "fused"):
+                kw["optimizer"] = token
+            elif token == "malloc_cache":
+                kw["malloc_cache"] = True
+            else:
+                raise ValueError(f"unknown token {token!r} in mode {name!r}; tokens: {MODE_TOKENS}")
+        return cls(name, **kw)
+
+    def job_overrides(self) -> list[str] | None:
+        """job.train's config keys for this mode; None where job.train has no key for part of it."""
+        if self.optimizer != "default" or self.compile not in (None, "default") or self.malloc_cache:
+            return None
+        return [f"train.channels_last={str(self.channels_last).lower()}", f"train.precision={self.precision}",
+                f"train.compile={str(self.compile is not None).lower()}"]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc serve every allocation from its heap and keep what is freed (no mmap, no trim), so that each
+    step's large activations reuse resident pages instead of being unmapped and faulted in again (on this
+    CPU about 400,000 page faults and ~15% of the CPU time per step at batch 128). False where it cannot."""
+    name = ctypes.util.find_library("c")
+    if platform.system() != "Linux" or not name or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(name)
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**30))
+
+
+class StepTimer:
+    """Durations between consecutive mark()s: CUDA events on a GPU (no host sync until durations()),
+    perf_counter on the CPU (where each step has finished when the Python call returns)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def durations(self) -> list[float]:
+        """Seconds of each interval between marks."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1000 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+def summarize(durations: list[float], warmup: int, batch: int) -> dict:
+    """Images/s as batch / the median step time after `warmup` steps; the first step's time on its own."""
+    timed = durations[warmup:]
+    if not timed:
+        raise ValueError(f"{len(durations)} steps timed, none left after {warmup} warm-up steps")
+    median = statistics.median(timed)
+    return {"images_per_sec": batch / median, "step_s_median": median, "step_s_min": min(timed),
+            "step_s_max": max(timed), "first_step_s": durations[0], "steps_timed": len(timed), "batch": batch,
+            "step_s": [round(d, 4) for d in durations]}
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak resident set size of this process and its reaped children (MiB); on CUDA also max allocated."""
+    rss_kib = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    out = {"peak_rss_mib": rss_kib / 1024}
+    if device.type == "cuda":
+        out["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine(device: torch.device) -> dict:
+    """What the figures depend on: host, CPU, threads, library versions, accelerator, load."""
+    import psutil
+    import torchvision
+
+    facts = {"host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
+             "cpu": cpu_model(), "cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
+             "memory_gib": psutil.virtual_memory().total / 2**30, "torch": torch.__version__,
+             "torchvision": torchvision.__version__, "torch_threads": torch.get_num_threads(),
+             "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"), "device": str(device),
+             "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+             "load_average_at_start": list(os.getloadavg()), "git_commit": git_commit()}
+    return facts
+
+
+def git_commit() -> str | None:
+    """HEAD of this checkout, '-dirty' when tracked files differ from it; None outside git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+    try:
+        return git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,102 @@
+"""The benchmark harness: `python -m bench --quick` writes every section with positive figures, and its parts
+measure what they say. No speed thresholds: speed targets are benchmark figures, not test assertions."""
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bench import baseline, report
+from bench.child import run_child
+from bench.common import Mode, summarize
+from tests import test_model
+from tests.conftest import ROOT
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def test_baseline_uses_the_seeds_classes_verbatim():
+    for name in ("BasicBlock", "SENet"):
+        assert inspect.getsource(getattr(baseline, name)) == inspect.getsource(getattr(test_model, name))
+
+
+def test_modes_parse_and_map_to_the_jobs_config_keys():
+    mode = Mode.parse("compile+channels_last+bf16")
+    assert (mode.compile, mode.channels_last, mode.precision, mode.optimizer) == ("default", True, "bf16", "default")
+    assert mode.job_overrides() == ["train.channels_last=true", "train.precision=bf16", "train.compile=true"]
+    assert Mode.parse("eager").job_overrides() == ["train.channels_last=false", "train.precision=fp32",
+                                                   "train.compile=false"]
+    for bare_only in ("eager+fused", "compile:max-autotune", "malloc_cache"):
+        assert Mode.parse(bare_only).job_overrides() is None  # job.train has no key for these
+    with pytest.raises(ValueError, match="unknown token 'chanels_last'"):
+        Mode.parse("chanels_last")
+
+
+def test_summarize_takes_the_median_after_warmup():
+    out = summarize([9.0, 1.0, 3.0, 2.0], warmup=1, batch=4)
+    assert out["step_s_median"] == 2.0 and out["images_per_sec"] == 2.0 and out["first_step_s"] == 9.0
+
+
+def test_run_child_reports_peak_rss_and_when_a_file_appeared(tmp_path):
+    marker = tmp_path / "marker"
+    code = (f"import time; time.sleep(0.3); open({str(marker)!r}, 'w').close(); "
+            f"b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096]); time.sleep(0.2)")
+    child = run_child([sys.executable, "-c", code], dict(os.environ), tmp_path / "log", 60, watch=marker)
+    assert child.returncode == 0
+    assert child.peak_rss_mib > 300
+    assert 0.25 < child.watch_s < child.wall_s
+    timed_out = run_child([sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ),
+                          tmp_path / "log2", 0.5)
+    assert timed_out.returncode == 124 and timed_out.wall_s < 30
+
+
+def test_ratios_and_the_fastest_mode_come_from_the_parts():
+    doc = {"settings": {"modes": ["eager", "compile"]}, "baseline": {"images_per_sec": 50.0},
+           "job": {"eager": {"images_per_sec": 55.0, "wall_s": 1, "launch_to_train_start_s": 4.0},
+                   "compile": {"images_per_sec": 70.0, "wall_s": 1, "launch_to_train_start_s": 30.0}},
+           "bare_step": {"eager": {"images_per_sec": 56.0}, "compile": {"images_per_sec": 72.0}},
+           "augment": {"images_per_sec": 1e5}}
+    out = report.derived(doc)
+    assert out["summary"]["fastest_job_mode"] == "compile"
+    assert out["summary"]["job_vs_baseline"] == pytest.approx(1.4)
+    assert out["ratios"]["eager"]["job_vs_bare_step"] == pytest.approx(55 / 56)
+    assert out["summary"]["launch_to_train_start_s_without_compile"] == 4.0
+
+
+def test_quick_run_writes_every_section_with_positive_figures(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    result = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    doc = json.loads(out.read_text())
+
+    import torch
+    assert doc["date"] and doc["machine"]["torch"] == torch.__version__ and doc["machine"]["torch_threads"] >= 1
+    modes = doc["settings"]["modes"]
+    assert modes and doc["settings"]["quick"] is True
+    for run in doc["baseline"]["runs"].values():  # (a), with num_workers 0 and 1
+        assert _positive(run["images_per_sec"]) and _positive(run["loader_images_per_sec"])
+    assert _positive(doc["baseline"]["images_per_sec"]) and _positive(doc["baseline"]["peak_rss_mib"])
+    for mode in modes:
+        job, bare = doc["job"][mode], doc["bare_step"][mode]  # (b), (c)
+        for key in ("images_per_sec", "launch_to_train_start_s", "launch_to_first_step_done_s", "peak_rss_mib"):
+            assert _positive(job[key]), (mode, key, job)
+        assert len(job["epoch_images_per_sec"]) == doc["settings"]["epochs"]
+        assert _positive(bare["images_per_sec"]) and _positive(bare["peak_rss_mib"])
+        assert _positive(doc["launch"][mode]["launch_to_train_start_s"])  # (e)
+        assert _positive(doc["memory"]["job_peak_rss_mib"][mode])  # (f)
+        assert _positive(doc["ratios"][mode]["job_vs_baseline"]) and _positive(doc["ratios"][mode]["job_vs_bare_step"])
+    for aug in (doc["augment"], doc["augment"]["malloc_cache"]):  # (d), as the job is and with malloc_cache
+        assert _positive(aug["images_per_sec"]) and _positive(aug["job_data_path_images_per_sec"])
+    for run in doc["ddp"]["runs"].values():
+        assert _positive(run["images_per_sec"]) and _positive(run["peak_rss_mib"])
+    assert doc["ddp"]["runs"]["2proc_1thread"]["nproc"] == 2
+    assert _positive(doc["ddp"]["speedup_2proc_vs_1proc_2threads"])
+    assert f"| {modes[0]} |" in result.stdout  # the markdown table
