@@ -40,7 +40,7 @@ def log_and_register(mlflow, model: nn.Module, example: torch.Tensor, *, cfg: Co
     name = cfg.mlflow.registered_model
     version = mlflow.register_model(info.model_uri, name).version
     client = mlflow.MlflowClient()
-    version_tags = {"val_acc": "" if val_acc is None else f"{val_acc:.6f}", "test_acc": f"{test_acc:.6f}",
+    version_tags = {"val_acc": "" if val_acc is None else str(val_acc), "test_acc": str(test_acc),  # exact
                     "run_id": run_id, **tags}
     for key, value in version_tags.items():
         client.set_model_version_tag(name, version, key, value)
