@@ -64,6 +64,13 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tmp_path):
     stopped = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert (stopped["epoch"], stopped["step"]) != (6, 0)
     wait_state(cluster, job, {"PENDING"}, timeout=60)
+    # Starting it again before the nodes have cleaned up the first run fails it ("Job credential
+    # revoked"): Slurm's own ~120 s hold avoids that; the test waits for idle nodes instead.
+    deadline = time.monotonic() + 60
+    while set(cluster.run("sinfo", "-N", "-h", "-o", "%t").stdout.split()) != {"idle"}:
+        assert time.monotonic() < deadline, cluster.logs()
+        time.sleep(0.5)
+    time.sleep(2)
     cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # else Slurm holds it ~120 s
     state = wait_state(cluster, job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"})
     log = (tmp_path / f"senet-{job}.out").read_text()
