@@ -123,3 +123,31 @@ def kill_tree(pid: int) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(procs, timeout=30)
+
+
+TIME_KEYS = {"images_per_sec", "epoch_time_s"}  # metrics.jsonl fields that differ between equal runs
+
+
+def load_ckpt(path):
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def faulty_save_env(tmp_path: Path, on_second_save: str) -> dict:
+    """job_env() whose torch.save runs on_second_save (Python lines, `f` is the open file) instead of
+    writing the second last.pt: a sitecustomize on PYTHONPATH simulates a disk or node failing mid-save."""
+    site = tmp_path / "site"
+    site.mkdir()
+    body = "".join(f"            {line}\n" for line in on_second_save.splitlines())
+    (site / "sitecustomize.py").write_text(
+        "import errno, os, time, torch\n"
+        "_save, _calls = torch.save, []\n"
+        "def save(obj, f, *a, **k):\n"
+        "    if 'last.pt' in str(getattr(f, 'name', f)):\n"
+        "        _calls.append(1)\n"
+        "        if len(_calls) == 2:\n"
+        + body +
+        "    return _save(obj, f, *a, **k)\n"
+        "torch.save = save\n")
+    return job_env(PYTHONPATH=f"{site}{os.pathsep}{ROOT}")

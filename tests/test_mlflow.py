@@ -9,7 +9,8 @@ import time
 import pytest
 import torch
 
-from tests.conftest import ROOT, TINY, MlflowServer, free_port, job_env, kill_tree, read_metrics, run_job
+from tests.conftest import (ROOT, TINY, MlflowServer, faulty_save_env, free_port, job_env, kill_tree, read_metrics,
+                            run_job)
 
 TRACKED = [a for a in TINY if not a.startswith("mlflow.")]
 
@@ -232,22 +233,10 @@ def wait_for_epoch(out, epoch: int, proc, timeout: float = 240) -> None:
 
 def test_disk_full_while_saving_fails_the_run_and_keeps_the_previous_checkpoint(mlflow_server, tmp_path):
     """torch.save raises ENOSPC on the second epoch's last.pt (a sitecustomize simulates the full disk)."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(
-        "import errno, torch\n"
-        "_save, _calls = torch.save, []\n"
-        "def save(obj, f, *a, **k):\n"
-        "    if 'last.pt' in str(getattr(f, 'name', f)):\n"
-        "        _calls.append(1)\n"
-        "        if len(_calls) == 2:\n"
-        "            f.write(b'partial')\n"
-        "            raise OSError(errno.ENOSPC, 'No space left on device')\n"
-        "    return _save(obj, f, *a, **k)\n"
-        "torch.save = save\n")
+    env = faulty_save_env(tmp_path, "f.write(b'partial')\nraise OSError(errno.ENOSPC, 'No space left on device')")
     out = tmp_path / "out"
     result = run_job(tracked(mlflow_server, "diskfull", "train.epochs=3", f"train.out_dir={out}"),
-                     env=job_env(PYTHONPATH=f"{site}{os.pathsep}{ROOT}"))
+                     env=env)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: cannot write checkpoint {out}/checkpoints/last.pt: No space left on device; "

@@ -1,6 +1,5 @@
 """Signals and kills mid-epoch: all ranks stop at one step, checkpoint, and the resume is bit for bit."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -11,14 +10,10 @@ import pytest
 import torch
 
 from job.preemption import PREEMPTED_EXIT_CODE
-from tests.conftest import ROOT, TINY, job_env, kill_tree, read_metrics, run_job
+from tests.conftest import (ROOT, TIME_KEYS, TINY, faulty_save_env, job_env, kill_tree, load_ckpt, read_metrics,
+                            run_job)
 
 COMMON = [*TINY, "train.epochs=3", "data.train_subset=1024"]
-TIME_KEYS = {"images_per_sec", "epoch_time_s"}
-
-
-def ckpt(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +44,7 @@ def last_step(out) -> tuple[int, int]:
     path = out / "checkpoints" / "last.pt"
     if not path.exists():
         return (0, 0)
-    state = ckpt(path)
+    state = load_ckpt(path)
     return state["epoch"], state["step"]
 
 
@@ -64,7 +59,7 @@ def worker(proc, rank: int) -> psutil.Process:
 
 
 def assert_same_as(straight, out):
-    a, b = ckpt(straight / "checkpoints" / "last.pt"), ckpt(out / "checkpoints" / "last.pt")
+    a, b = load_ckpt(straight / "checkpoints" / "last.pt"), load_ckpt(out / "checkpoints" / "last.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # bit for bit
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
@@ -145,7 +140,7 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_previous_one(straight, t
     first = run_job([*COMMON, f"train.out_dir={out}", "train.stop_after_epochs=2"], nproc=2)
     assert first.returncode == 0, first.stderr[-3000:]
     last = out / "checkpoints" / "last.pt"
-    assert ckpt(out / "checkpoints" / "last.prev.pt")["epoch"] == 1
+    assert load_ckpt(out / "checkpoints" / "last.prev.pt")["epoch"] == 1
     last.write_bytes(last.read_bytes()[:1000])  # a torn file, as a dying disk or node leaves it
     resumed = run_job([*COMMON, f"train.out_dir={out}"], nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -156,29 +151,18 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_previous_one(straight, t
 
 def test_killed_during_a_save_leaves_a_usable_checkpoint(straight, tmp_path):
     """torch.save of the second last.pt writes half the file and stalls; then everything is SIGKILLed."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(
-        "import os, time, torch\n"
-        "_save, _calls = torch.save, []\n"
-        "def save(obj, f, *a, **k):\n"
-        "    if 'last.pt' in str(getattr(f, 'name', f)):\n"
-        "        _calls.append(1)\n"
-        "        if len(_calls) == 2:\n"
-        "            f.write(b'x' * 100000); f.flush()\n"
-        f"            open({str(tmp_path / 'saving')!r}, 'w').close()\n"
-        "            time.sleep(600)\n"
-        "    return _save(obj, f, *a, **k)\n"
-        "torch.save = save\n")
+    marker = tmp_path / "saving"
+    env = faulty_save_env(tmp_path, f"f.write(b'x' * 100000); f.flush()\nopen({str(marker)!r}, 'w').close()\n"
+                                    "time.sleep(600)")
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "job.train",
            *COMMON, f"train.out_dir={out}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=job_env(PYTHONPATH=f"{site}{os.pathsep}{ROOT}"),
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    wait_until(lambda: (tmp_path / "saving").exists(), proc)
+    wait_until(lambda: marker.exists(), proc)
     kill_tree(proc.pid)
     assert (out / "checkpoints" / ".last.pt.tmp").stat().st_size == 100000  # the half-written file
-    assert ckpt(out / "checkpoints" / "last.pt")["epoch"] == 1  # the old one, whole
+    assert load_ckpt(out / "checkpoints" / "last.pt")["epoch"] == 1  # the old one, whole
     resumed = run_job([*COMMON, f"train.out_dir={out}"], nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "at epoch 2 step 0" in resumed.stdout

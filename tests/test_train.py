@@ -3,13 +3,8 @@
 import pytest
 import torch
 
-from tests.conftest import read_metrics, run_job
+from tests.conftest import TIME_KEYS, load_ckpt, read_metrics, run_job
 
-TIME_KEYS = {"images_per_sec", "epoch_time_s"}
-
-
-def load_ckpt(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module")
