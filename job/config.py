@@ -31,9 +31,18 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _check_types(section: object, name: str) -> None:
+    """Coerce and check every field of a section against its annotation (so direct construction is checked too)."""
+    for f in dataclasses.fields(section):
+        setattr(section, f.name, _coerce(f"{name}.{f.name}", getattr(section, f.name), f.type))
+
+
+Signal = typing.Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP"]
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
-    depth: int = 18
+    depth: typing.Literal[18, 34] = 18
     """SENet depth: 18 (blocks 2,2,2,2) or 34 (3,4,6,3)."""
     width: int = 64
     """Channels of the stem and first stage; later stages use 2x, 4x, 8x."""
@@ -41,14 +50,14 @@ class ModelConfig:
     """Squeeze-and-excitation reduction ratio."""
 
     def __post_init__(self):
-        _require(self.depth in (18, 34), f"model.depth must be 18 or 34, got {self.depth}")
+        _check_types(self, "model")
         _require(self.width >= 1, f"model.width must be >= 1, got {self.width}")
         _require(self.reduction >= 1, f"model.reduction must be >= 1, got {self.reduction}")
 
 
 @dataclass(kw_only=True)
 class DataConfig:
-    source: str = "cifar10"
+    source: typing.Literal["cifar10", "synthetic"] = "cifar10"
     """cifar10 (files under root) or synthetic (a generated, learnable stand-in of the same shapes)."""
     root: str = "data"
     """Directory that holds (or will hold) cifar-10-batches-py/."""
@@ -70,8 +79,7 @@ class DataConfig:
     """Side of a square cut out of each training image; 0 = off."""
 
     def __post_init__(self):
-        _require(self.source in ("cifar10", "synthetic"),
-                 f"data.source must be cifar10 or synthetic, got {self.source!r}")
+        _check_types(self, "data")
         _require(0 <= self.val_size < 50000, f"data.val_size must be in [0, 50000), got {self.val_size}")
         for key in ("train_subset", "test_subset"):
             value = getattr(self, key)
@@ -95,13 +103,13 @@ class TrainConfig:
     """L2 penalty on conv and linear weights (not on BatchNorm or biases)."""
     label_smoothing: float = 0.1
     """Label smoothing of the training loss."""
-    schedule: str = "cosine"
+    schedule: typing.Literal["cosine", "onecycle"] = "cosine"
     """After warmup: cosine (to 0) or onecycle (linear to 0)."""
     warmup_epochs: float = 5.0
     """Epochs of linear warmup from 0 to the peak learning rate."""
     seed: int = 0
     """Seeds the model init, the data order and the augmentation."""
-    precision: str = "auto"
+    precision: typing.Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto (bf16 on CUDA, fp32 on the CPU, where bf16 was slower), fp32, bf16 (autocast) or fp16 (+ scaler)."""
     channels_last: bool = True
     """Use the channels_last memory format for the model and the batches (faster on CPU and GPU here)."""
@@ -113,11 +121,11 @@ class TrainConfig:
     """glibc keeps freed host memory for the next step instead of unmapping it (no page faults per step)."""
     step_times: bool = False
     """Write every optimizer step's duration to <out_dir>/steps.jsonl (benchmarks; no host sync on CUDA)."""
-    grad_compression: str = "none"
+    grad_compression: typing.Literal["none", "bf16"] = "none"
     """none, or bf16: DDP all-reduces gradients in bfloat16 (half the bytes; torch's bf16_compress_hook)."""
     bucket_mb: int = 25
     """DDP gradient bucket size in MiB."""
-    device: str = "auto"
+    device: typing.Literal["auto", "cuda", "cpu"] = "auto"
     """auto (CUDA if present, else CPU), cuda or cpu."""
     eval_batch_size: int = 1024
     """Per-rank batch size for validation and test."""
@@ -131,10 +139,11 @@ class TrainConfig:
     """Timeout of collective operations, seconds."""
     checkpoint_every_steps: int = 0
     """Also write last.pt every N optimizer steps inside an epoch (0 = at epoch ends only)."""
-    stop_signals: str = "SIGTERM,SIGUSR1"
-    """Signals that make all ranks stop at the next step, checkpoint, and exit 143 (resumable)."""
+    stop_signals: list[Signal] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    """Signals that make all ranks stop at the next step, checkpoint, and exit 143 (resumable); [] = none."""
 
     def __post_init__(self):
+        _check_types(self, "train")
         _require(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
         _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
         _require(self.ref_batch_size >= 1, f"train.ref_batch_size must be >= 1, got {self.ref_batch_size}")
@@ -144,17 +153,9 @@ class TrainConfig:
         _require(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
         _require(0 <= self.label_smoothing < 1,
                  f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        _require(self.schedule in ("cosine", "onecycle"),
-                 f"train.schedule must be cosine or onecycle, got {self.schedule!r}")
         _require(self.warmup_epochs >= 0, f"train.warmup_epochs must be >= 0, got {self.warmup_epochs}")
-        _require(self.precision in ("auto", "fp32", "bf16", "fp16"),
-                 f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         _require(self.threads >= 0, f"train.threads must be >= 0, got {self.threads}")
-        _require(self.grad_compression in ("none", "bf16"),
-                 f"train.grad_compression must be none or bf16, got {self.grad_compression!r}")
         _require(self.bucket_mb >= 1, f"train.bucket_mb must be >= 1, got {self.bucket_mb}")
-        _require(self.device in ("auto", "cuda", "cpu"),
-                 f"train.device must be auto, cuda or cpu, got {self.device!r}")
         _require(bool(self.out_dir), "train.out_dir must not be empty")
         _require(bool(self.resume), "train.resume must be auto, never or a checkpoint path")
         _require(self.stop_after_epochs is None or self.stop_after_epochs >= 1,
@@ -162,9 +163,6 @@ class TrainConfig:
         _require(self.timeout_s >= 1, f"train.timeout_s must be >= 1, got {self.timeout_s}")
         _require(self.checkpoint_every_steps >= 0,
                  f"train.checkpoint_every_steps must be >= 0, got {self.checkpoint_every_steps}")
-        for name in filter(None, (n.strip() for n in self.stop_signals.split(","))):
-            _require(name in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP"),
-                     f"train.stop_signals: {name} is not one of SIGTERM, SIGUSR1, SIGUSR2, SIGINT, SIGHUP")
 
 
 @dataclass(kw_only=True)
@@ -187,6 +185,7 @@ class MlflowConfig:
     """At the end, how long to keep retrying an absent tracking server before giving up (warning)."""
 
     def __post_init__(self):
+        _check_types(self, "mlflow")
         _require(bool(self.experiment), "mlflow.experiment must not be empty")
         _require(bool(self.registered_model), "mlflow.registered_model must not be empty")
         _require(redact(self.tracking_uri) == self.tracking_uri,
@@ -222,8 +221,26 @@ def _unknown(key: str) -> ConfigError:
     return ConfigError(f"unknown key {key}{hint}")
 
 
+def _one_of(options: tuple) -> str:
+    """(a, b, c) -> 'a, b or c'"""
+    *rest, last = map(str, options)
+    return f"{', '.join(rest)} or {last}" if rest else last
+
+
 def _coerce(key: str, value, annotation):
     """Check one value against its field type; ints are accepted where floats are expected."""
+    if typing.get_origin(annotation) is typing.Literal:
+        options = typing.get_args(annotation)
+        if any(type(value) is type(option) and value == option for option in options):  # 1 is not True
+            return value
+        raise ConfigError(f"{key} must be {_one_of(options)}, got {value!r}")
+    if typing.get_origin(annotation) is list:
+        if isinstance(value, str):  # the older form, "SIGTERM,SIGUSR1"
+            value = [item.strip() for item in value.split(",") if item.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list or a comma-separated string, got {value!r}")
+        (item_type,) = typing.get_args(annotation)
+        return [_coerce(f"{key}[{i}]", item, item_type) for i, item in enumerate(value)]
     allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
     if value is None and type(None) in allowed:
         return None
@@ -249,7 +266,7 @@ def _coerce(key: str, value, annotation):
 
 
 def _merge(tree: dict, values: dict, origin: str, raw: str | None = None) -> None:
-    """Merge a {section: {key: value}} mapping into tree, checking names and types.
+    """Merge a {section: {key: value}} mapping into tree, checking names (the dataclasses check the values).
 
     raw is an override's text as typed: a string field takes it verbatim (a hex md5 stays a string).
     """
@@ -268,7 +285,7 @@ def _merge(tree: dict, values: dict, origin: str, raw: str | None = None) -> Non
                 raise _unknown(key)
             if raw is not None and fields[name].type is str:
                 value = raw
-            tree[section][name] = _coerce(key, value, fields[name].type)
+            tree[section][name] = value
 
 
 def _parse_override(text: str) -> tuple[str, str, object, str]:

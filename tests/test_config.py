@@ -1,10 +1,16 @@
 """Config: defaults, YAML, overrides, and one clear line for every mistake, before any work."""
 
+import dataclasses
+import os
+import signal
+import typing
+
 import pytest
 import yaml
 
 from job import config
-from job.config import Config, ConfigError
+from job.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig
+from job.preemption import StopSignal
 from tests.conftest import run_job
 
 
@@ -13,14 +19,121 @@ def test_defaults_are_the_dataclasses():
     assert cfg == Config()
     assert (cfg.model.depth, cfg.model.width, cfg.model.reduction) == (18, 64, 16)
     assert cfg.train.resume == "auto" and cfg.data.source == "cifar10"
+    assert cfg.train.stop_signals == ["SIGTERM", "SIGUSR1"]
 
 
 def test_yaml_then_overrides_win(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("train:\n  epochs: 7\n  lr: 0.2\ndata:\n  train_subset: 100\n")
+    path.write_text("train:\n  epochs: 7\n  lr: 0.2\n  seed: 3\ndata:\n  train_subset: 100\n  source: synthetic\n")
     cfg = config.load(str(path), ["train.epochs=9", "data.train_subset=null", "train.lr=1"])
     assert cfg.train.epochs == 9 and cfg.data.train_subset is None
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.train.seed == 3 and cfg.data.source == "synthetic"  # the file over the defaults
+    assert cfg.train.batch_size == TrainConfig().batch_size and cfg.model == ModelConfig()  # untouched defaults
+
+
+@pytest.mark.parametrize("override,key,value", [
+    ("data.download=true", "download", True),
+    ("data.verify=false", "verify", False),
+    ("data.verify=no", "verify", False),  # YAML 1.1
+])
+def test_booleans(override, key, value):
+    assert getattr(config.load(None, [override]).data, key) is value
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.download=1", "data.download must be a boolean, got 1"),
+    ("train.epochs=true", "train.epochs must be an integer, got True"),
+    ("train.lr=true", "train.lr must be a number, got True"),
+    ("model.depth=18.0", "model.depth must be 18 or 34, got 18.0"),
+    ("model.depth=true", "model.depth must be 18 or 34, got True"),
+])
+def test_no_silent_casts_between_bool_int_and_float(override, message):
+    with pytest.raises(ConfigError) as e:
+        config.load(None, [override])
+    assert str(e.value) == message
+
+
+CHOICES = [(f"{section.name}.{f.name}", typing.get_args(f.type))
+           for section in dataclasses.fields(Config) for f in dataclasses.fields(section.type)
+           if typing.get_origin(f.type) is typing.Literal]
+
+
+def test_the_choice_fields_are_literals():
+    assert {key for key, _ in CHOICES} == {"model.depth", "data.source", "train.schedule", "train.precision",
+                                          "train.grad_compression", "train.device"}
+
+
+@pytest.mark.parametrize("key,options", CHOICES, ids=[key for key, _ in CHOICES])
+def test_choices_come_from_the_literal(key, options):
+    section, name = key.split(".")
+    for option in options:
+        assert getattr(getattr(config.load(None, [f"{key}={option}"]), section), name) == option
+    listed = ", ".join(map(str, options[:-1])) + f" or {options[-1]}"
+    with pytest.raises(ConfigError) as e:
+        config.load(None, [f"{key}=nope"])
+    assert str(e.value) == f"{key} must be {listed}, got 'nope'"
+
+
+def test_direct_construction_is_checked_too():
+    with pytest.raises(ConfigError, match="^train.device must be auto, cuda or cpu, got 'gpu'$"):
+        TrainConfig(device="gpu")
+    with pytest.raises(ConfigError, match="^data.source must be cifar10 or synthetic, got 'imagenet'$"):
+        DataConfig(source="imagenet")
+    assert TrainConfig(lr=1).lr == 1.0 and isinstance(TrainConfig(lr=1).lr, float)
+    assert TrainConfig(stop_signals="SIGUSR2").stop_signals == ["SIGUSR2"]
+
+
+@pytest.mark.parametrize("override,signals", [
+    ("train.stop_signals=[SIGTERM,SIGUSR1]", ["SIGTERM", "SIGUSR1"]),
+    ("train.stop_signals=[SIGUSR2]", ["SIGUSR2"]),
+    ("train.stop_signals=SIGTERM,SIGUSR2", ["SIGTERM", "SIGUSR2"]),  # the older comma-separated form
+    ("train.stop_signals= SIGHUP , SIGINT ", ["SIGHUP", "SIGINT"]),
+    ("train.stop_signals=SIGUSR1", ["SIGUSR1"]),
+    ("train.stop_signals=[]", []),
+    ("train.stop_signals=", []),
+])
+def test_stop_signals_override(override, signals):
+    assert config.load(None, [override]).train.stop_signals == signals
+
+
+@pytest.mark.parametrize("text,signals", [
+    ("train:\n  stop_signals: [SIGUSR2, SIGTERM]\n", ["SIGUSR2", "SIGTERM"]),
+    ("train:\n  stop_signals:\n  - SIGINT\n", ["SIGINT"]),
+    ("train:\n  stop_signals: SIGTERM,SIGUSR1\n", ["SIGTERM", "SIGUSR1"]),
+    ("train:\n  stop_signals: []\n", []),
+])
+def test_stop_signals_in_a_file(tmp_path, text, signals):
+    (tmp_path / "c.yaml").write_text(text)
+    assert config.load(str(tmp_path / "c.yaml")).train.stop_signals == signals
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.stop_signals=SIGTERM,SIGKILL",
+     "train.stop_signals[1] must be SIGTERM, SIGUSR1, SIGUSR2, SIGINT or SIGHUP, got 'SIGKILL'"),
+    ("train.stop_signals=[term]",
+     "train.stop_signals[0] must be SIGTERM, SIGUSR1, SIGUSR2, SIGINT or SIGHUP, got 'term'"),
+    ("train.stop_signals=15", "train.stop_signals must be a list or a comma-separated string, got 15"),
+])
+def test_bad_stop_signals(override, message):
+    with pytest.raises(ConfigError) as e:
+        config.load(None, [override])
+    assert str(e.value) == message
+
+
+def test_stop_signals_from_the_config_install_handlers():
+    def ignore(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGUSR2, ignore)  # a signal no handler takes is ignored, not fatal
+    try:
+        StopSignal(config.load(None, ["train.stop_signals=[]"]).train.stop_signals, "gloo")
+        assert signal.getsignal(signal.SIGUSR2) is ignore
+        stop = StopSignal(config.load(None, ["train.stop_signals=SIGUSR2"]).train.stop_signals, "gloo")
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert stop.received == "SIGUSR2"
+    finally:
+        signal.signal(signal.SIGUSR2, before)
 
 
 def test_exponent_without_a_dot_is_a_number(tmp_path):
@@ -37,9 +150,12 @@ def test_string_override_is_kept_verbatim():
 
 
 def test_dump_round_trips(tmp_path):
-    cfg = config.load(None, ["train.epochs=3", "model.width=8", "data.test_subset=10"])
+    cfg = config.load(None, ["train.epochs=3", "model.width=8", "data.test_subset=10", "model.depth=34",
+                             "train.precision=bf16", "train.stop_signals=SIGUSR2,SIGHUP", "data.download=true",
+                             "train.lr=1e-3", "data.md5=12345678901234567890123456789012"])
     config.dump(cfg, tmp_path / "config.yaml")
     assert config.load(str(tmp_path / "config.yaml")) == cfg
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["stop_signals"] == ["SIGUSR2", "SIGHUP"]
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -105,6 +221,9 @@ def test_cli_prints_one_line_and_exits_non_zero(tmp_path, args, message):
 
 
 def test_print_config_shows_the_resolved_config(tmp_path):
-    result = run_job(["--print-config", "train.epochs=4"], cwd=tmp_path)
+    overrides = ["train.epochs=4", "train.stop_signals=[SIGUSR2]"]
+    result = run_job(["--print-config", *overrides], cwd=tmp_path)
     assert result.returncode == 0
     assert yaml.safe_load(result.stdout)["train"]["epochs"] == 4
+    (tmp_path / "printed.yaml").write_text(result.stdout)
+    assert config.load(str(tmp_path / "printed.yaml")) == config.load(None, overrides)
