@@ -5,6 +5,11 @@ from pathlib import Path
 
 import torch
 
+from job.distributed import Runtime
+
+# what every checkpoint of the job holds; anything else (a bare state_dict, a list) is refused in one line
+KEYS = ("model", "optimizer", "scheduler", "scaler", "train_state", "rng", "config", "world_size")
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used for this run; the message is one line."""
@@ -46,15 +51,38 @@ def save(state: dict, path: Path, keep_previous: bool = False) -> None:
 
 
 def load(path: str | Path) -> dict:
-    """Read a checkpoint onto the CPU; only tensors and plain Python types are accepted."""
+    """Read a checkpoint of the job onto the CPU; only tensors and plain Python types are accepted."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}): "
                               f"it is corrupt or not a senet-job checkpoint") from None
+    missing = [k for k in KEYS if k not in state] if isinstance(state, dict) else list(KEYS)
+    if missing:
+        raise CheckpointError(f"{path} is not a senet-job checkpoint: it has no {', '.join(missing)} "
+                              f"(a bare state_dict? load it with senet18().load_state_dict)")
+    return state
+
+
+class Checkpointer:
+    """last.pt (every save) and best.pt (best=True) of one run, written by rank 0 alone: one writer."""
+
+    def __init__(self, out_dir: str, runtime: Runtime, config: dict):
+        self.last, self.best = directory(out_dir) / "last.pt", directory(out_dir) / "best.pt"
+        self.writer, self.world_size, self.config = runtime.is_main, runtime.world_size, config
+
+    def save(self, parts, state, best: bool = False) -> None:
+        """The checkpoint built from the states of its parts (weights, optimizer, ...) and the TrainState."""
+        if not self.writer:
+            return
+        ckpt = {**parts.state_dict(), "train_state": state.state_dict(), "rng": {"torch": torch.get_rng_state()},
+                "config": self.config, "world_size": self.world_size}
+        save(ckpt, self.last, keep_previous=True)
+        if best:
+            save(ckpt, self.best)
 
 
 def resume_from(resume: str, out_dir: str, warn) -> tuple[Path, dict] | None:

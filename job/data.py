@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.utils.data.distributed import DistributedSampler
-from torchvision.datasets import CIFAR10
-from torchvision.datasets.utils import calculate_md5, check_integrity, download_and_extract_archive
 
+from job import cli
 from job.config import DataConfig
 from job.distributed import Runtime, all_agree
 
@@ -26,8 +25,16 @@ MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 ARCHIVE = "cifar-10-python.tar.gz"
-FOLDER = CIFAR10.base_folder  # cifar-10-batches-py
+FOLDER = "cifar-10-batches-py"  # torchvision's CIFAR10.base_folder
 SPLIT_SEED = 0  # the validation split is fixed, independent of train.seed
+
+
+def _torchvision_cifar10():
+    """torchvision's CIFAR10 class (its file list and md5s) and its file utilities, imported when first needed:
+    importing torchvision costs a second per process, which runs on synthetic data never need."""
+    from torchvision.datasets import CIFAR10, utils
+
+    return CIFAR10, utils
 
 
 class DataError(RuntimeError):
@@ -55,26 +62,28 @@ def download(root: str, url: str, md5: str) -> None:
     """Fetch and unpack the archive with torchvision's downloader, which checks its md5."""
     # torchvision's progress bar goes to stderr: keep it for a person at a terminal, not for logs
     quiet = contextlib.nullcontext() if sys.stderr.isatty() else contextlib.redirect_stderr(io.StringIO())
+    _, utils = _torchvision_cifar10()
     try:
         with quiet:
-            download_and_extract_archive(url, root, filename=ARCHIVE, md5=md5)
+            utils.download_and_extract_archive(url, root, filename=ARCHIVE, md5=md5)
     except Exception as e:  # urllib, md5 and tar errors alike; the user needs the URL and the reason
         archive = Path(root) / ARCHIVE
-        if archive.is_file() and not check_integrity(str(archive), md5):
-            reason = f"the archive's md5 {calculate_md5(str(archive))} is not the expected {md5}"
+        if archive.is_file() and not utils.check_integrity(str(archive), md5):
+            reason = f"the archive's md5 {utils.calculate_md5(str(archive))} is not the expected {md5}"
         else:
-            reason = (str(e).splitlines() or [""])[0] or type(e).__name__
+            reason = cli.first_line(e)
         raise DataError(f"downloading CIFAR-10 from {url} failed: {reason}") from None
 
 
 def check(root: str, verify: bool) -> None:
     """Raise DataError unless every standard file is present (and, with verify, has its md5)."""
+    cifar10, utils = _torchvision_cifar10()
     folder = Path(root) / FOLDER
-    for name, md5 in CIFAR10.train_list + CIFAR10.test_list:
+    for name, md5 in cifar10.train_list + cifar10.test_list:
         path = folder / name
         if not path.is_file():
             raise DataError(f"CIFAR-10 not found: {path} is missing; {_stage_hint(root)}")
-        if verify and not check_integrity(str(path), md5):
+        if verify and not utils.check_integrity(str(path), md5):
             raise DataError(f"CIFAR-10 file {path} fails its md5 check (corrupt or not the original); "
                             f"delete {folder} and download again, or set data.verify=false for a re-encoded copy")
 
@@ -108,8 +117,9 @@ def _read_batches(root: str, names: list[str]) -> tuple[torch.Tensor, torch.Tens
 
 def read_cifar10(root: str) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """((train images, labels), (test images, labels)) from torchvision's on-disk layout."""
-    return (_read_batches(root, [n for n, _ in CIFAR10.train_list]),
-            _read_batches(root, [n for n, _ in CIFAR10.test_list]))
+    cifar10, _ = _torchvision_cifar10()
+    return (_read_batches(root, [n for n, _ in cifar10.train_list]),
+            _read_batches(root, [n for n, _ in cifar10.test_list]))
 
 
 def synthetic(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         check(args.root, verify=not args.no_verify)
         read_cifar10(args.root)
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+        cli.error(str(e))
         return 1
     print(f"CIFAR-10 ready under {Path(args.root) / FOLDER}")
     return 0

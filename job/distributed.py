@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from job.cli import first_line
+
 
 class CollectiveTimeout(RuntimeError):
     """A collective timed out; the message names the ranks that did not answer."""
@@ -107,13 +109,15 @@ def diagnose_timeout(error: Exception, timeout_s: int, probe_s: int = 10) -> Exc
     except RuntimeError as e:  # gloo: "[Rank 0]: Ranks 1, 3 failed to pass monitoredBarrier in 10000 ms"
         found = re.search(r"Ranks? ([\d, ]+) failed to pass", str(e))
         missing = (f"rank(s) {found.group(1).strip()} did not answer a {probe_s}s probe" if found
-                   else (str(e).splitlines() or ["no answer"])[0])
+                   else first_line(e))
     return CollectiveTimeout(f"a collective timed out after {timeout_s}s (train.timeout_s) on rank "
                              f"{dist.get_rank()}: {missing} — a rank is dead or stuck; see its log")
 
 
 def teardown() -> None:
-    """Destroy the process group if there is one (safe to call on any exit path)."""
+    """Destroy the process groups if there are any (safe to call on any exit path)."""
+    global _health_group
+    _health_group = None  # dropped before the groups go, not left to the interpreter's shutdown
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

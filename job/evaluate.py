@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from job import checkpoint, config, data, distributed
+from job import checkpoint, cli, config, data, distributed
 from job.checkpoint import CheckpointError
 from job.config import ConfigError
 from job.data import DataError, eval_shard, normalize
@@ -95,7 +95,7 @@ def load_model(source: str, runtime: Runtime, tracking_uri: str = "") -> tuple[n
             mlflow.set_tracking_uri(resolve(tracking_uri))
             box[0] = mlflow.pytorch.load_model(source, map_location="cpu")
         except Exception as e:
-            box[0] = f"cannot load model {source}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}"
+            box[0] = f"cannot load model {source}: {cli.first_line(e)}"
     dist.broadcast_object_list(box, src=0)
     if isinstance(box[0], str):
         raise CheckpointError(box[0])
@@ -118,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         scores = evaluate(model, images, labels, runtime, batch_size=cfg.train.eval_batch_size,
                           normalize_inputs=not takes_uint8)
     except (ConfigError, DataError, CheckpointError, distributed.LaunchError) as e:
-        if distributed.env_rank() == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+        cli.error(str(e))
         return 1
     finally:
         distributed.teardown()

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from job import config, data, distributed
+from job import cli, config, data, distributed
 from job.config import ConfigError
 from job.distributed import Runtime
 
@@ -90,7 +90,7 @@ def run_checks(cfg: config.Config, runtime: Runtime, rendezvous_s: float) -> lis
         try:
             results.append((name, True, check()))
         except Exception as e:
-            results.append((name, False, (str(e).strip().splitlines() or [type(e).__name__])[0]))
+            results.append((name, False, cli.first_line(e)))
     return results
 
 
@@ -102,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config.load(args.config, args.overrides)
     except ConfigError as e:
-        if distributed.env_rank() == 0:
-            print(f"error: {e}", file=sys.stderr)
+        cli.error(str(e))
         return 2
     tic = time.perf_counter()
     try:

@@ -7,18 +7,19 @@ epochs that could not be sent wait in a queue and go out when it answers again (
 """
 
 import datetime
-import hashlib
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from job.cli import first_line
+from job.clock import StepClock
 from job.config import Config, redact
 from job.distributed import Runtime, all_agree
+from job.provenance import config_hash, git_commit, run_tags
 
 DEFAULT_STORE = "mlflow.db"
 
@@ -49,64 +50,6 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
-
-
-def config_hash(cfg: Config) -> str:
-    """Short hash of the settings that shape the model and its training (not where outputs go)."""
-    tree = cfg.to_dict()
-    tree["train"] = {k: v for k, v in tree["train"].items() if k not in ("out_dir", "resume", "stop_after_epochs")}
-    tree.pop("mlflow")
-    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def git_commit() -> tuple[str, bool] | None:
-    """(commit, dirty) of the source tree this job runs from, or None outside a git checkout."""
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return commit, bool(dirty)
-
-
-class StepClock:
-    """Marks at step boundaries: CUDA events (read at the epoch's end, where the job syncs anyway), or
-    perf_counter on the CPU; inert when disabled. The first mark of a process also records the seconds
-    since the process started (launch to first step)."""
-
-    _launched = False  # whether this process has made its first mark
-
-    def __init__(self, device: torch.device, enabled: bool):
-        self.enabled, self.cuda = enabled, device.type == "cuda"
-        self.marks: list = []
-        self.since_launch_s: float | None = None
-
-    def mark(self) -> None:
-        if not self.enabled:
-            return
-        if not self.marks and not StepClock._launched:
-            import psutil
-
-            StepClock._launched = True
-            self.since_launch_s = time.time() - psutil.Process().create_time()
-        if self.cuda:
-            self.marks.append(torch.cuda.Event(enable_timing=True))
-            self.marks[-1].record()
-        else:
-            self.marks.append(time.perf_counter())
-
-    def durations(self) -> list[float]:
-        if self.cuda:
-            self.marks[-1].synchronize()
-            return [a.elapsed_time(b) / 1000 for a, b in zip(self.marks, self.marks[1:])]
-        return [b - a for a, b in zip(self.marks, self.marks[1:])]
-
-
-def _reason(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 class Tracker:
@@ -193,7 +136,7 @@ class Tracker:
             client = mlflow.MlflowClient()
             client.search_experiments(max_results=1)
         except Exception as e:
-            raise TrackingError(f"MLflow tracking URI {redact(uri)} cannot be used: {_reason(e)}") from None
+            raise TrackingError(f"MLflow tracking URI {redact(uri)} cannot be used: {first_line(e)}") from None
         mlflow.set_experiment(self.cfg.mlflow.experiment)
         if run_id is not None:
             try:
@@ -207,25 +150,11 @@ class Tracker:
         self.mlflow, self.run_id = mlflow, run.info.run_id
         if run_id is None:
             mlflow.log_params(flatten(self.cfg.to_dict()))
-        mlflow.set_tags(self._tags())
+        mlflow.set_tags(run_tags(self.cfg, self.runtime))
         sent = {m.step for m in client.get_metric_history(self.run_id, "train_loss")} if run_id else set()
         self.pending = [r for r in history if r["epoch"] not in sent]  # lost when the server was away
         self._send()
         self.info(f"mlflow: run {self.run_id} in experiment {self.cfg.mlflow.experiment!r} at {redact(uri)}")
-
-    def _tags(self) -> dict[str, str]:
-        rt = self.runtime
-        device = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu"
-        tags = {"torch": torch.__version__, "cuda": str(torch.version.cuda), "world_size": str(rt.world_size),
-                "nodes": str(rt.num_nodes), "device": device, "config_hash": config_hash(self.cfg)}
-        commit = git_commit()
-        if commit:
-            tags["git_commit"], tags["git_dirty"] = commit[0], str(commit[1]).lower()
-        for env, tag in (("SLURM_JOB_ID", "slurm_job_id"), ("KUBERNETES_POD_NAME", "k8s_pod"),
-                         ("HOSTNAME", "host")):
-            if os.environ.get(env):
-                tags[tag] = os.environ[env]
-        return tags
 
     def _send(self) -> bool:
         """Send queued epoch records in order; on failure keep them, warn once, and carry on."""
@@ -236,7 +165,7 @@ class Tracker:
                 self.mlflow.log_metrics(metrics, step=record["epoch"])
             except Exception as e:
                 if not self.offline_warned:
-                    self.warn(f"MLflow unreachable ({_reason(e)}); training goes on, metrics.jsonl keeps every "
+                    self.warn(f"MLflow unreachable ({first_line(e)}); training goes on, metrics.jsonl keeps every "
                               f"epoch, and they are sent when the server is back")
                     self.offline_warned = True
                 return False
@@ -282,7 +211,7 @@ class Tracker:
             for path in artifacts:
                 self.mlflow.log_artifact(str(path))
         except Exception as e:
-            self.warn(f"MLflow: could not log the final metrics and artifacts ({_reason(e)}); "
+            self.warn(f"MLflow: could not log the final metrics and artifacts ({first_line(e)}); "
                       f"they are in {out}")
 
     def _flush(self) -> bool:
@@ -309,7 +238,7 @@ class Tracker:
                                              tags={"git_commit": (git_commit() or ("unknown",))[0],
                                                    "config_hash": config_hash(self.cfg)})
         except Exception as e:
-            self.warn(f"MLflow: registering the model failed ({_reason(e)}); best.pt is in {self.cfg.train.out_dir}")
+            self.warn(f"MLflow: registering the model failed ({first_line(e)}); best.pt is in {self.cfg.train.out_dir}")
             return
         self.info(line)
 
@@ -322,7 +251,7 @@ class Tracker:
         try:
             self.mlflow.end_run(status=status)
         except Exception as e:
-            self.warn(f"MLflow: could not mark run {self.run_id} {status} ({_reason(e)})")
+            self.warn(f"MLflow: could not mark run {self.run_id} {status} ({first_line(e)})")
 
 
 def _has_module(name: str) -> bool:

@@ -2,6 +2,10 @@
 
     torchrun --nproc_per_node=4 -m job.train [--config FILE] [section.key=value ...]
     python -m job.train [--config FILE] [section.key=value ...]      (one process, no torchrun)
+
+run() reads top to bottom: check the launch, build what is trained, the epoch loop, finish. Checkpoints are
+written by Checkpointer.save (after each epoch in train_epochs, and inside epochs in StepEnd), stop signals are
+checked in StepEnd (every step) and at each epoch's end, metrics go out through Tracker.log_epoch / log_final.
 """
 
 import argparse
@@ -11,31 +15,23 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel
 
-from job import checkpoint, config, data, distributed, host
-from job.checkpoint import CheckpointError
+from job import checkpoint, cli, config, data, distributed, host
+from job.checkpoint import CheckpointError, Checkpointer
 from job.config import Config, ConfigError
 from job.data import DataError, Splits
 from job.distributed import LaunchError, Runtime
-from job.evaluate import evaluate
+from job.evaluate import Scores, evaluate
+from job.loop import Parts, TrainState, autocast_dtype, train_one_epoch
 from job.optim import build_optimizer, build_scheduler
 from job.preemption import PREEMPTED_EXIT_CODE, Preempted, StopSignal
 from job.tracking import Tracker, TrackingError
 from senet import senet
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, LaunchError, TrackingError)
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """train.precision as an autocast dtype (None: fp32); auto is bf16 on CUDA, fp32 on the CPU."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return AUTOCAST[precision]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -59,89 +55,32 @@ def prepare_out_dir(cfg: Config, runtime: Runtime) -> None:
         raise error or CheckpointError(f"rank 0 cannot write to train.out_dir {cfg.train.out_dir}")
 
 
-def train_one_epoch(model, optimizer, scheduler, scaler, splits: Splits, cfg: Config, runtime: Runtime,
-                    epoch: int, tracker: Tracker, start_step: int, sums: torch.Tensor, at_step_end) -> dict:
-    """This rank's shard of one epoch, from start_step; returns loss and accuracy summed over all ranks.
+def steps_per_epoch(cfg: Config, runtime: Runtime, train_images: int) -> int:
+    """Optimizer steps in one epoch (DistributedSampler drops the remainder); refuses a batch larger than the set."""
+    per_rank = cfg.train.batch_size // runtime.world_size
+    steps = train_images // runtime.world_size // per_rank
+    if steps == 0:
+        raise ConfigError(f"train.batch_size {cfg.train.batch_size} is larger than the training set "
+                          f"({train_images} images)")
+    return steps
 
-    sums (loss, correct, count) carries what earlier launches counted of this epoch. at_step_end(step,
-    sums) runs after every optimizer step (the stop-signal check and step checkpoints live there).
-    """
+
+def build(cfg: Config, runtime: Runtime, steps: int, saved: dict | None) -> Parts:
+    """Model, optimizer, scheduler and scaler (loaded from saved when resuming), then DDP and compile."""
     t = cfg.train
-    per_rank = t.batch_size // runtime.world_size
-    order = data.epoch_indices(len(splits.train_y), t.seed, epoch, runtime.rank, runtime.world_size)
-    order = order.to(runtime.device)
-    steps = len(order) // per_rank
-    dtype = autocast_dtype(t.precision, runtime.device)
-    images = 0
-    clock = tracker.step_clock()
-    model.train()
-    for step in tracker.progress(range(start_step, steps), steps - start_step, f"epoch {epoch + 1}"):
-        clock.mark()
-        idx = order[step * per_rank:(step + 1) * per_rank]
-        g = data.step_generator(t.seed, epoch, step, runtime.rank, runtime.device)
-        x = data.normalize(data.augment(splits.train_x[idx], g, cfg.data.cutout), t.channels_last)
-        y = splits.train_y[idx]
-        with torch.autocast(runtime.device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=t.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        # in place on the device; no tensor made from a host number (on CUDA that would sync every step)
-        sums[0] += loss.detach().double() * len(y)
-        sums[1] += (logits.argmax(1) == y).sum()
-        sums[2] += len(y)
-        images += len(y) * runtime.world_size
-        at_step_end(step + 1, steps, sums)
-    clock.mark()
-    tracker.log_steps(epoch, start_step, clock)
-    dist.all_reduce(sums)
-    loss_sum, correct, count = sums.tolist()
-    return {"train_loss": loss_sum / count, "train_acc": correct / count, "images": images}
-
-
-def run(cfg: Config, runtime: Runtime, config_path: str | None) -> None:
-    """Set up data, model and optimizer (from a checkpoint if resuming), train, then test the best model."""
-    t = cfg.train
-    if t.batch_size % runtime.world_size:
-        raise ConfigError(f"train.batch_size {t.batch_size} is not divisible by the world size {runtime.world_size}")
-    found = checkpoint.resume_from(t.resume, t.out_dir, warn=_warning)
-    resume_from, state = found if found else (None, None)
-    if state:
-        checkpoint.check_model(state, cfg.to_dict()["model"], resume_from)
-    splits = data.load_splits(cfg.data, runtime)  # before out_dir: a launch that fails here changes nothing
-    steps_per_epoch = len(splits.train_y) // runtime.world_size // (t.batch_size // runtime.world_size)
-    if steps_per_epoch == 0:
-        raise ConfigError(f"train.batch_size {t.batch_size} is larger than the training set "
-                          f"({len(splits.train_y)} images)")
-    prepare_out_dir(cfg, runtime)
-    tracker = Tracker(cfg, runtime)
-    placement = distributed.layout(runtime)
-    tracker.info(f"senet-job: world_size {runtime.world_size}  nodes {runtime.num_nodes} ({placement})"
-                 f"  backend {runtime.backend}"
-                 f"  device {runtime.device}  config {config_path or '(defaults)'}  out_dir {t.out_dir}"
-                 + (f"  resuming {resume_from} at epoch {state['epoch'] + 1} step {state['step']}" if state else ""))
-
     torch.manual_seed(t.seed)
     model = senet(cfg.model.depth, width=cfg.model.width, reduction=cfg.model.reduction).to(runtime.device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, t)
-    scheduler = build_scheduler(optimizer, t, steps_per_epoch)
+    scheduler = build_scheduler(optimizer, t, steps)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=t.precision == "fp16")
-    # where training stands: epochs done, steps done in the next one and their summed loss/correct/count
-    pos = {"epoch": 0, "step": 0, "partial": [0.0, 0.0, 0.0], "best_val_acc": -1.0, "best_epoch": None,
-           "history": [], "mlflow_run_id": None}
-    if state:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        pos = {k: state[k] for k in pos}
-
+    if saved:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        torch.set_rng_state(saved["rng"]["torch"])
     train_model = model
     if runtime.world_size > 1:
         # static_graph: every parameter is used in every step, the graph never changes
@@ -150,95 +89,117 @@ def run(cfg: Config, runtime: Runtime, config_path: str | None) -> None:
                                               bucket_cap_mb=t.bucket_mb)
         if t.grad_compression == "bf16":
             train_model.register_comm_hook(None, default_hooks.bf16_compress_hook)
-    eval_model = torch.compile(model) if t.compile else model
-    train_model = torch.compile(train_model) if t.compile else train_model
-    eval_kw = dict(batch_size=t.eval_batch_size, channels_last=t.channels_last,
-                   autocast_dtype=autocast_dtype(t.precision, runtime.device))
-    ckpt_dir = checkpoint.directory(t.out_dir)
+    if t.compile:
+        return Parts(model, torch.compile(train_model), torch.compile(model), optimizer, scheduler, scaler)
+    return Parts(model, train_model, model, optimizer, scheduler, scaler)
 
-    def save(*names: str) -> None:
-        """Rank 0 writes the state and pos to each named file (the others skip: one writer)."""
-        if runtime.is_main:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                     "rng": {"torch": torch.get_rng_state()}, "config": cfg.to_dict(),
-                     "world_size": runtime.world_size, **pos}
-            for name in names:
-                checkpoint.save(state, ckpt_dir / name, keep_previous=name == "last.pt")
 
-    stop = StopSignal(t.stop_signals, runtime.backend)
+class StepEnd:
+    """After every optimizer step: ask all ranks about stop signals, and write step checkpoints."""
 
-    def at_step_end(step: int, steps: int, sums: torch.Tensor) -> None:
-        stopping = stop.requested()
-        if stopping or (t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0 and step < steps):
+    def __init__(self, parts: Parts, checkpoints: Checkpointer, stop: StopSignal, every_steps: int):
+        self.parts, self.checkpoints, self.stop, self.every_steps = parts, checkpoints, stop, every_steps
+
+    def __call__(self, state: TrainState, step: int, steps: int, sums: torch.Tensor) -> None:
+        stopping = self.stop.requested()  # a collective: every rank gets the same answer at the same step
+        if stopping or (self.every_steps and step % self.every_steps == 0 and step < steps):
             totals = sums.clone()
             dist.all_reduce(totals)
-            pos.update(step=step, partial=totals.tolist())
-            save("last.pt")
+            state.step, state.partial = step, totals.tolist()
+            self.checkpoints.save(self.parts, state)
         if stopping:
-            raise Preempted(f"{stop.received or 'a stop signal on another rank'} at epoch {pos['epoch'] + 1} step {step}")
+            raise Preempted(f"{self.stop.received or 'a stop signal on another rank'} "
+                            f"at epoch {state.epoch + 1} step {step}")
 
-    pos["mlflow_run_id"] = tracker.open(pos["history"], pos["mlflow_run_id"])
+
+def score(parts: Parts, images: torch.Tensor, labels: torch.Tensor, cfg: Config, runtime: Runtime) -> Scores | None:
+    """Validation or test scores of the current weights, every image once across the ranks."""
+    t = cfg.train
+    return evaluate(parts.eval_model, images, labels, runtime, batch_size=t.eval_batch_size,
+                    channels_last=t.channels_last, autocast_dtype=autocast_dtype(t.precision, runtime.device))
+
+
+def train_epochs(parts: Parts, splits: Splits, cfg: Config, runtime: Runtime, state: TrainState, tracker: Tracker,
+                 checkpoints: Checkpointer, stop: StopSignal) -> bool:
+    """The epoch loop; True when train.epochs are done, False when train.stop_after_epochs ended this launch."""
+    t = cfg.train
+    end = t.epochs if t.stop_after_epochs is None else min(t.epochs, state.epoch + t.stop_after_epochs)
+    on_step = StepEnd(parts, checkpoints, stop, t.checkpoint_every_steps)
+    started, first = time.perf_counter(), state.epoch
+    for epoch in range(state.epoch, end):
+        tic = time.perf_counter()
+        stats = train_one_epoch(parts, splits, cfg, runtime, state, tracker, on_step)
+        train_s = time.perf_counter() - tic
+        val = score(parts, splits.val_x, splits.val_y, cfg, runtime)
+        record = {"epoch": epoch, "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
+                  "val_loss": val.loss if val else None, "val_acc": val.accuracy if val else None,
+                  "lr": parts.scheduler.get_last_lr()[0], "images_per_sec": stats["images"] / train_s,
+                  "epoch_time_s": time.perf_counter() - tic}
+        best = state.end_epoch(record)
+        checkpoints.save(parts, state, best=best)  # before logging: the checkpoint is what a resume trusts
+        per_epoch = (time.perf_counter() - started) / (epoch + 1 - first)
+        tracker.log_epoch(record, t.epochs, eta_s=per_epoch * (t.epochs - epoch - 1))
+        if stop.requested():
+            raise Preempted(f"{stop.received or 'a stop signal on another rank'} at the end of epoch {epoch + 1}")
+    if end < t.epochs:
+        tracker.info(f"stopped after epoch {end} of {t.epochs} (train.stop_after_epochs); "
+                     f"run again with train.resume=auto to continue")
+        return False
+    return True
+
+
+def finish(parts: Parts, splits: Splits, cfg: Config, runtime: Runtime, state: TrainState, tracker: Tracker,
+           checkpoints: Checkpointer) -> None:
+    """Score the best model on the test set once, log the final record, register the model."""
+    dist.barrier()  # best.pt is complete before any rank reads it
+    parts.model.load_state_dict(checkpoint.load(checkpoints.best)["model"])
+    test = score(parts, splits.test_x, splits.test_y, cfg, runtime)
+    tracker.log_final({"test_acc": test.accuracy, "test_loss": test.loss, "best_epoch": state.best_epoch,
+                       "best_val_acc": state.best_val_acc, "test_images": test.count},
+                      state.history, test.confusion, checkpoints.best)
+    tracker.register(parts.model, splits.test_x[:4], val_acc=state.best_val_acc, test_acc=test.accuracy)
+
+
+def run(cfg: Config, runtime: Runtime, config_path: str | None) -> None:
+    """Check the launch, build, train, then test the best model; the MLflow run ends with the outcome."""
+    t = cfg.train
+    if t.batch_size % runtime.world_size:  # before any data is read
+        raise ConfigError(f"train.batch_size {t.batch_size} is not divisible by the world size {runtime.world_size}")
+    found = checkpoint.resume_from(t.resume, t.out_dir, warn=cli.warning)
+    resume_path, saved = found if found else (None, None)
+    if saved:
+        checkpoint.check_model(saved, cfg.to_dict()["model"], resume_path)
+    splits = data.load_splits(cfg.data, runtime)  # before out_dir: a launch that fails here changes nothing
+    steps = steps_per_epoch(cfg, runtime, len(splits.train_y))
+    prepare_out_dir(cfg, runtime)
+
+    state = TrainState()
+    if saved:
+        state.load_state_dict(saved["train_state"])
+    tracker = Tracker(cfg, runtime)
+    tracker.info(f"senet-job: world_size {runtime.world_size}  nodes {runtime.num_nodes} "
+                 f"({distributed.layout(runtime)})  backend {runtime.backend}  device {runtime.device}  "
+                 f"config {config_path or '(defaults)'}  out_dir {t.out_dir}"
+                 + (f"  resuming {resume_path} at epoch {state.epoch + 1} step {state.step}" if saved else ""))
+    parts = build(cfg, runtime, steps, saved)
+    checkpoints = Checkpointer(t.out_dir, runtime, cfg.to_dict())
+    stop = StopSignal(t.stop_signals, runtime.backend)
+
+    state.mlflow_run_id = tracker.open(state.history, state.mlflow_run_id)
     status = "FAILED"
     try:
-        end = t.epochs if t.stop_after_epochs is None else min(t.epochs, pos["epoch"] + t.stop_after_epochs)
-        started, first = time.perf_counter(), pos["epoch"]
-        for epoch in range(pos["epoch"], end):
-            tic = time.perf_counter()
-            carried = torch.tensor(pos["partial"] if runtime.is_main else [0.0] * 3, dtype=torch.float64,
-                                   device=runtime.device)
-            stats = train_one_epoch(train_model, optimizer, scheduler, scaler, splits, cfg, runtime, epoch,
-                                    tracker, pos["step"], carried, at_step_end)
-            train_s = time.perf_counter() - tic
-            val = evaluate(eval_model, splits.val_x, splits.val_y, runtime, **eval_kw)
-            val_acc = val.accuracy if val else None
-            record = {"epoch": epoch, "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
-                      "val_loss": val.loss if val else None, "val_acc": val_acc,
-                      "lr": scheduler.get_last_lr()[0], "images_per_sec": stats["images"] / train_s,
-                      "epoch_time_s": time.perf_counter() - tic}
-            is_best = val_acc is None or val_acc > pos["best_val_acc"]
-            if is_best:
-                pos.update(best_val_acc=-1.0 if val_acc is None else val_acc, best_epoch=epoch)
-            pos.update(epoch=epoch + 1, step=0, partial=[0.0, 0.0, 0.0])
-            pos["history"].append(record)
-            save("last.pt", *(["best.pt"] if is_best else []))  # first: the checkpoint is what a resume trusts
-            per_epoch = (time.perf_counter() - started) / (epoch + 1 - first)
-            tracker.log_epoch(record, t.epochs, eta_s=per_epoch * (t.epochs - epoch - 1))
-            if stop.requested():
-                raise Preempted(f"{stop.received or 'a stop signal on another rank'} at the end of epoch {epoch + 1}")
-        if end < t.epochs:
-            tracker.info(f"stopped after epoch {end} of {t.epochs} (train.stop_after_epochs); "
-                         f"run again with train.resume=auto to continue")
-            status = "KILLED"
-            return
-        dist.barrier()  # best.pt is complete before any rank reads it
-        model.load_state_dict(checkpoint.load(ckpt_dir / "best.pt")["model"])
-        test = evaluate(eval_model, splits.test_x, splits.test_y, runtime, **eval_kw)
-        best_val = pos["best_val_acc"] if pos["best_val_acc"] >= 0 else None
-        tracker.log_final({"test_acc": test.accuracy, "test_loss": test.loss, "best_epoch": pos["best_epoch"],
-                           "best_val_acc": best_val, "test_images": test.count},
-                          pos["history"], test.confusion, ckpt_dir / "best.pt")
-        tracker.register(model, splits.test_x[:4], val_acc=best_val, test_acc=test.accuracy)
-        status = "FINISHED"
+        if train_epochs(parts, splits, cfg, runtime, state, tracker, checkpoints, stop):
+            finish(parts, splits, cfg, runtime, state, tracker, checkpoints)
+            status = "FINISHED"
+        else:
+            status = "KILLED"  # stopped by train.stop_after_epochs: resumable
     except Preempted as e:
-        tracker.info(f"preempted: {e}; checkpoint {ckpt_dir / 'last.pt'} written, exiting {PREEMPTED_EXIT_CODE} "
+        tracker.info(f"preempted: {e}; checkpoint {checkpoints.last} written, exiting {PREEMPTED_EXIT_CODE} "
                      f"so that the launcher retries; the next launch resumes")
         status = "KILLED"
         raise
     finally:
         tracker.close(status)
-
-
-def _warning(message: str) -> None:
-    """A warning line on stderr, from global rank 0 only."""
-    if distributed.env_rank() == 0:
-        print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-def _error(message: str) -> None:
-    """One line on stderr, from global rank 0 only (every rank hits the same config or data mistake)."""
-    if distributed.env_rank() == 0:
-        print(f"error: {message}", file=sys.stderr, flush=True)
 
 
 @record
@@ -247,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config.load(args.config, args.overrides)
     except ConfigError as e:
-        _error(str(e))
+        cli.error(str(e))
         return 2
     if args.print_config:
         print(config.yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
@@ -258,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         run(cfg, runtime, args.config)
         return 0
     except USER_ERRORS as e:
-        _error(str(e))
+        cli.error(str(e))
         return 2 if isinstance(e, ConfigError) else 1
     except Preempted:
         return PREEMPTED_EXIT_CODE
@@ -266,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         diagnosis = distributed.diagnose_timeout(e, cfg.train.timeout_s)
         if diagnosis is e:
             raise
-        print(f"error: {diagnosis}", file=sys.stderr, flush=True)
+        print(f"error: {diagnosis}", file=sys.stderr, flush=True)  # every rank: each names what it saw
         raise diagnosis from e  # @record puts it, naming the ranks, in torchrun's error file
     finally:
         distributed.teardown()

@@ -4,9 +4,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from bench.child import kill_tree  # noqa: F401  (the tests' one way to end a job and its workers)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,6 +19,10 @@ TINY = ["model.width=8", "data.source=synthetic", "data.val_size=256", "data.tra
         "train.warmup_epochs=0.5", "train.eval_batch_size=256", "mlflow.enabled=false"]
 
 
+# The 2-rank, 3-epoch run that the end-to-end tests share and that every interrupted run must equal.
+COMMON = [*TINY, "train.epochs=3"]
+
+
 def job_env(**extra: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -23,15 +30,39 @@ def job_env(**extra: str) -> dict:
     return env
 
 
+def job_command(args: list[str], nproc: int = 0, module: str = "job.train", torchrun: tuple[str, ...] = ()) -> list[str]:
+    """`python -m MODULE args` (nproc=0) or `torchrun --standalone --nproc_per_node=nproc [torchrun] -m MODULE args`."""
+    if not nproc:
+        return [sys.executable, "-m", module, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *torchrun,
+            "-m", module, *args]
+
+
 def run_job(args: list[str], nproc: int = 0, cwd: Path = ROOT, timeout: int = 300, env: dict | None = None,
-            module: str = "job.train") -> subprocess.CompletedProcess:
-    """`python -m job.train args` (nproc=0) or `torchrun --standalone --nproc_per_node=nproc -m job.train args`."""
-    if nproc:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", module, *args]
-    else:
-        cmd = [sys.executable, "-m", module, *args]
-    return subprocess.run(cmd, cwd=cwd, env=env or job_env(), capture_output=True, text=True, timeout=timeout)
+            module: str = "job.train", torchrun: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run the job to its end (see job_command); output captured as text."""
+    return subprocess.run(job_command(args, nproc, module, torchrun), cwd=cwd, env=env or job_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def start_job(args: list[str], nproc: int = 0, env: dict | None = None, torchrun: tuple[str, ...] = (),
+              output: int | None = subprocess.PIPE) -> subprocess.Popen:
+    """Start the job in a session of its own (kill_tree() ends it and its workers); output piped as text."""
+    return subprocess.Popen(job_command(args, nproc, torchrun=torchrun), cwd=ROOT, env=env or job_env(),
+                            stdout=output, stderr=output, text=True, start_new_session=True)
+
+
+def wait_until(predicate, timeout: float = 240, proc: subprocess.Popen | None = None, what: str = "",
+               interval: float = 0.1) -> None:
+    """Poll predicate until it holds; fail at the deadline, or at once if proc (the job watched) has exited."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            output = proc.communicate()[1] if proc.stderr else ""
+            pytest.fail(f"the job exited {proc.returncode} before {what or 'the condition held'}: {output[-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what or 'the condition'}")
+        time.sleep(interval)
 
 
 def read_metrics(out_dir: Path) -> list[dict]:
@@ -41,6 +72,16 @@ def read_metrics(out_dir: Path) -> list[dict]:
 @pytest.fixture
 def tiny() -> list[str]:
     return list(TINY)
+
+
+@pytest.fixture(scope="session")
+def straight(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """(out_dir, result) of one uninterrupted 2-rank run of COMMON, shared by every test that reads or
+    compares against it (none may write into it)."""
+    out = tmp_path_factory.mktemp("straight") / "out"
+    result = run_job([*COMMON, f"train.out_dir={out}"], nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
 
 
 def free_port() -> int:
@@ -60,7 +101,6 @@ class MlflowServer:
         self.proc = None
 
     def start(self, timeout: float = 90) -> "MlflowServer":
-        import time
         import urllib.request
 
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
@@ -108,23 +148,6 @@ def mlflow_server(tmp_path_factory):
     server.stop()
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and every descendant (torchrun's workers live in their own process groups)."""
-    import psutil
-
-    try:
-        parent = psutil.Process(pid)
-    except psutil.NoSuchProcess:
-        return
-    procs = [parent, *parent.children(recursive=True)]
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
-
-
 TIME_KEYS = {"images_per_sec", "epoch_time_s"}  # metrics.jsonl fields that differ between equal runs
 
 
@@ -132,6 +155,14 @@ def load_ckpt(path):
     import torch
 
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def train_state(path) -> dict:
+    """The TrainState of a checkpoint (epoch, step, best_epoch, ...); {} while there is none."""
+    try:
+        return load_ckpt(path)["train_state"]
+    except FileNotFoundError:  # not yet written, or between the two renames of a save
+        return {}
 
 
 def faulty_save_env(tmp_path: Path, on_second_save: str) -> dict:
@@ -151,3 +182,18 @@ def faulty_save_env(tmp_path: Path, on_second_save: str) -> dict:
         "    return _save(obj, f, *a, **k)\n"
         "torch.save = save\n")
     return job_env(PYTHONPATH=f"{site}{os.pathsep}{ROOT}")
+
+
+def assert_same_as(straight: Path, out: Path) -> None:
+    """out ended bit for bit where the uninterrupted run (the `straight` fixture's out_dir) did."""
+    import torch
+
+    a, b = load_ckpt(straight / "checkpoints" / "last.pt"), load_ckpt(out / "checkpoints" / "last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # bit for bit
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    ma, mb = read_metrics(straight), read_metrics(out)
+    assert [r.get("epoch") for r in mb] == [0, 1, 2, None]
+    for ra, rb in zip(ma, mb):
+        for key in ra.keys() - TIME_KEYS:
+            assert ra[key] == pytest.approx(rb[key], rel=1e-12), key  # partial sums add in another order

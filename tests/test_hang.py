@@ -1,25 +1,19 @@
 """A stuck rank ends the job within the collective timeout, with an error that names it."""
 
-import subprocess
-import sys
 import time
 
 import psutil
 
-from tests.conftest import ROOT, TINY, job_env, kill_tree
+from tests.conftest import TINY, job_env, kill_tree, start_job, wait_until
 
 
 def test_a_stopped_rank_is_named_instead_of_a_hang(tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "job.train",
-           *TINY, "train.epochs=20", "train.timeout_s=10", f"train.out_dir={out}"]
     env = job_env(TORCH_ELASTIC_SHUTDOWN_TIMEOUT="5")  # torchrun then SIGKILLs the stuck worker sooner
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_job([*TINY, "train.epochs=20", "train.timeout_s=10", f"train.out_dir={out}"], nproc=2, env=env)
     try:
-        deadline = time.monotonic() + 120
-        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text()):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
-            time.sleep(0.1)
+        metrics = out / "metrics.jsonl"
+        wait_until(lambda: metrics.exists() and metrics.read_text(), timeout=120, proc=proc, what="the first epoch")
         stuck = next(c for c in psutil.Process(proc.pid).children(recursive=True)
                      if c.environ().get("RANK") == "1")
         stuck.suspend()  # SIGSTOP: alive, holding its sockets, answering nothing

@@ -3,14 +3,12 @@
 import json
 import os
 import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-from tests.conftest import (ROOT, TINY, MlflowServer, faulty_save_env, free_port, job_env, kill_tree, read_metrics,
-                            run_job)
+from tests.conftest import (ROOT, TINY, MlflowServer, faulty_save_env, free_port, job_env, kill_tree, read_metrics, run_job,
+                            start_job, train_state, wait_until)
 
 TRACKED = [a for a in TINY if not a.startswith("mlflow.")]
 
@@ -44,12 +42,21 @@ def probe_env(tmp_path, block_mlflow: bool = False) -> dict:
     return job_env(PYTHONPATH=f"{site}{os.pathsep}{ROOT}")
 
 
-def test_two_ranks_log_one_run_from_rank_zero_only(mlflow_server, tmp_path):
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def two_ranks(mlflow_server, tmp_path_factory):
+    """(out_dir, probe dir) of one tracked 2-rank run that registers `two-ranks` version 1 (@champion)."""
+    tmp = tmp_path_factory.mktemp("two-ranks")
+    out = tmp / "out"
     result = run_job(tracked(mlflow_server, "two-ranks", "train.epochs=3", f"train.out_dir={out}"), nproc=2,
-                     env=probe_env(tmp_path))
+                     env=probe_env(tmp))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "rank-0").read_text() == "True" and (tmp_path / "rank-1").read_text() == "False"
+    assert "registry: two-ranks version 1 is @champion: there was no champion" in result.stdout
+    return out, tmp
+
+
+def test_two_ranks_log_one_run_from_rank_zero_only(mlflow_server, two_ranks, tmp_path):
+    out, probes = two_ranks
+    assert (probes / "rank-0").read_text() == "True" and (probes / "rank-1").read_text() == "False"
 
     client = mlflow_server.client()
     run = only_run(client, "two-ranks")
@@ -67,67 +74,57 @@ def test_two_ranks_log_one_run_from_rank_zero_only(mlflow_server, tmp_path):
     assert {"config.yaml", "metrics.jsonl", "learning_curves.png", "confusion_matrix.png", "best.pt"} <= artifacts
     png = client.download_artifacts(run.info.run_id, "confusion_matrix.png", str(tmp_path))
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    version = client.get_model_version_by_alias("two-ranks", "champion")
+    version = client.get_model_version("two-ranks", "1")
     assert version.run_id == run.info.run_id
-    assert float(version.tags["val_acc"]) == read_metrics(out)[-2]["val_acc"]
+    assert float(version.tags["val_acc"]) == read_metrics(out)[-1]["best_val_acc"]
     assert version.tags["run_id"] == run.info.run_id and version.tags["config_hash"] == tags["config_hash"]
     assert float(version.tags["test_acc"]) == run.data.metrics["test_acc"]
 
 
-def test_registered_champion_predicts_like_the_checkpoint(mlflow_server, tmp_path):
+def test_registered_champion_predicts_like_the_checkpoint(mlflow_server, two_ranks):
     import mlflow
 
     from job.data import normalize, synthetic
     from senet import senet18
 
-    out = tmp_path / "out"
-    result = run_job(tracked(mlflow_server, "loadable", "train.epochs=2", f"train.out_dir={out}"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "registry: loadable version 1 is @champion: there was no champion" in result.stdout
-
+    out, _ = two_ranks
     mlflow.set_tracking_uri(mlflow_server.uri)
-    served = mlflow.pytorch.load_model("models:/loadable@champion")
+    served = mlflow.pytorch.load_model("models:/two-ranks/1")
     assert isinstance(served, torch.nn.Module)
     served.eval()  # a plain module, not an exported graph
-    images, _ = synthetic(300, seed=99)  # images neither run has seen
+    images, _ = synthetic(300, seed=99)  # images the run has not seen
     bare = senet18(width=8)
     bare.load_state_dict(torch.load(out / "checkpoints" / "best.pt", weights_only=True)["model"])
     bare.eval()
     with torch.no_grad():
         assert torch.equal(served(images).argmax(1), bare(normalize(images)).argmax(1))
     # and the CLI scores it on the test set, as documented
-    cli = run_job(["--model", "models:/loadable@champion", f"mlflow.tracking_uri={mlflow_server.uri}",
+    cli = run_job(["--model", "models:/two-ranks/1", f"mlflow.tracking_uri={mlflow_server.uri}",
                    "data.source=synthetic", "data.test_subset=500"], module="job.evaluate")
     assert cli.returncode == 0, cli.stderr[-2000:]
     assert "test accuracy" in cli.stdout and cli.stdout.count("\n") == 11  # overall + 10 classes
 
 
-def test_promotion_gate_both_ways(mlflow_server, tmp_path):
-    name = "gate"
+def test_a_weaker_model_becomes_challenger_and_the_champion_stays(mlflow_server, two_ranks, tmp_path):
+    """The gate end to end (its every branch is in test_units.py): a barely trained model against version 1."""
+    weak = [*TRACKED, f"mlflow.tracking_uri={mlflow_server.uri}", "mlflow.experiment=gate",
+            "mlflow.registered_model=two-ranks", "train.epochs=1", "train.lr=0.0005", f"train.out_dir={tmp_path}"]
+    result = run_job(weak)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (line,) = [x for x in result.stdout.splitlines() if x.startswith("registry:")]
+    assert line.startswith("registry: two-ranks version 2 is @challenger: val_acc ")
+    assert "does not beat @champion version 1" in line
     client = mlflow_server.client()
-    weak = ["train.epochs=1", "train.lr=0.0005"]  # barely trained: low validation accuracy
-    strong = ["train.epochs=3"]
-    for i, (extra, alias) in enumerate([(weak, "champion"), (strong, "champion"), (weak, "challenger")]):
-        result = run_job(tracked(mlflow_server, name, *extra, f"train.out_dir={tmp_path / str(i)}"))
-        assert result.returncode == 0, result.stderr[-3000:]
-        line = [x for x in result.stdout.splitlines() if x.startswith("registry:")]
-        assert len(line) == 1 and f"version {i + 1} is @{alias}" in line[0], result.stdout
-    assert client.get_model_version_by_alias(name, "champion").version == "2"
-    assert client.get_model_version_by_alias(name, "challenger").version == "3"
-    assert "does not beat @champion version 2" in line[0]
+    assert client.get_model_version_by_alias("two-ranks", "champion").version == "1"
+    assert client.get_model_version_by_alias("two-ranks", "challenger").version == "2"
 
 
 def test_killed_after_an_epoch_and_resumed_keeps_one_run(mlflow_server, tmp_path):
     out = tmp_path / "out"
     args = tracked(mlflow_server, "resumed", "train.epochs=4", f"train.out_dir={out}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "job.train", *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    last = out / "checkpoints" / "last.pt"
-    deadline = time.monotonic() + 240
-    while not (last.exists() and torch.load(last, weights_only=True)["epoch"] >= 1):
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.2)
+    proc = start_job(args, nproc=2, output=subprocess.DEVNULL)
+    wait_until(lambda: train_state(out / "checkpoints" / "last.pt").get("epoch", 0) >= 1, proc=proc,
+               what="epoch 1's checkpoint")
     kill_tree(proc.pid)  # no chance to clean up: the worst case
     proc.wait()
     client = mlflow_server.client()
@@ -201,8 +198,7 @@ def test_server_gone_mid_run_loses_nothing(tmp_path):
     out = tmp_path / "out"
     args = [*TRACKED, f"mlflow.tracking_uri={server.uri}", "mlflow.experiment=outage", "train.epochs=6",
             "mlflow.registered_model=outage", "mlflow.flush_timeout_s=180", f"train.out_dir={out}"]
-    proc = subprocess.Popen([sys.executable, "-m", "job.train", *args], cwd=ROOT, env=job_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_job(args)
     try:
         wait_for_epoch(out, 0, proc)
         server.stop()
@@ -218,17 +214,14 @@ def test_server_gone_mid_run_loses_nothing(tmp_path):
             assert steps(client, run.info.run_id, key) == [0, 1, 2, 3, 4, 5], key
         assert "test_acc" in run.data.metrics
     finally:
-        proc.kill()
+        kill_tree(proc.pid)
         server.stop()
 
 
-def wait_for_epoch(out, epoch: int, proc, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
+def wait_for_epoch(out, epoch: int, proc) -> None:
     path = out / "metrics.jsonl"
-    while not (path.exists() and any(json.loads(x).get("epoch") == epoch for x in path.read_text().splitlines())):
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_until(lambda: path.exists() and any(json.loads(x).get("epoch") == epoch for x in path.read_text().splitlines()),
+               proc=proc, what=f"epoch {epoch} in metrics.jsonl")
 
 
 def test_disk_full_while_saving_fails_the_run_and_keeps_the_previous_checkpoint(mlflow_server, tmp_path):
@@ -241,6 +234,6 @@ def test_disk_full_while_saving_fails_the_run_and_keeps_the_previous_checkpoint(
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: cannot write checkpoint {out}/checkpoints/last.pt: No space left on device; "
         "the previous one is intact")
-    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
+    assert train_state(out / "checkpoints" / "last.pt")["epoch"] == 1
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "last.pt"]  # no temp file left
     assert only_run(mlflow_server.client(), "diskfull").info.status == "FAILED"

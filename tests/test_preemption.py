@@ -2,50 +2,23 @@
 
 import signal
 import subprocess
-import sys
-import time
 
 import psutil
 import pytest
-import torch
 
 from job.preemption import PREEMPTED_EXIT_CODE
-from tests.conftest import (ROOT, TIME_KEYS, TINY, faulty_save_env, job_env, kill_tree, load_ckpt, read_metrics,
-                            run_job)
-
-COMMON = [*TINY, "train.epochs=3", "data.train_subset=1024"]
+from tests.conftest import (COMMON, assert_same_as, faulty_save_env, job_env, kill_tree, run_job, start_job, train_state,
+                            wait_until)
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    """The uninterrupted 2-rank run every interrupted one must equal."""
-    out = tmp_path_factory.mktemp("straight") / "out"
-    result = run_job([*COMMON, f"train.out_dir={out}"], nproc=2)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
-
-
-def launch(out, *extra) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "job.train",
-           *COMMON, f"train.out_dir={out}", *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-
-
-def wait_until(predicate, proc, timeout=240):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
+def launch(out, *extra, env: dict | None = None, torchrun: tuple[str, ...] = ()) -> subprocess.Popen:
+    return start_job([*COMMON, f"train.out_dir={out}", *extra], nproc=2, env=env, torchrun=torchrun)
 
 
 def last_step(out) -> tuple[int, int]:
-    path = out / "checkpoints" / "last.pt"
-    if not path.exists():
-        return (0, 0)
-    state = load_ckpt(path)
-    return state["epoch"], state["step"]
+    """(epochs done, steps done in the next) of out's last.pt; (0, 0) before the first checkpoint."""
+    state = train_state(out / "checkpoints" / "last.pt")
+    return state.get("epoch", 0), state.get("step", 0)
 
 
 def worker(proc, rank: int) -> psutil.Process:
@@ -58,16 +31,13 @@ def worker(proc, rank: int) -> psutil.Process:
     raise AssertionError(f"no worker of rank {rank}")
 
 
-def assert_same_as(straight, out):
-    a, b = load_ckpt(straight / "checkpoints" / "last.pt"), load_ckpt(out / "checkpoints" / "last.pt")
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # bit for bit
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
-    ma, mb = read_metrics(straight), read_metrics(out)
-    assert [r.get("epoch") for r in mb] == [0, 1, 2, None]
-    for ra, rb in zip(ma, mb):
-        for key in ra.keys() - TIME_KEYS:
-            assert ra[key] == pytest.approx(rb[key], rel=1e-12), key  # partial sums add in another order
+def restarted_worker(proc, attempt: int) -> list[psutil.Process]:
+    """[rank 1's worker] once torchrun has started it for restart `attempt`, else []."""
+    try:
+        w = worker(proc, 1)
+        return [w] if w.environ().get("TORCHELASTIC_RESTART_COUNT") == str(attempt) else []
+    except (AssertionError, psutil.Error):
+        return []
 
 
 @pytest.mark.parametrize("signum,target", [(signal.SIGUSR1, "rank 1"), (signal.SIGTERM, "torchrun")])
@@ -75,7 +45,7 @@ def test_signal_stops_every_rank_at_one_step_and_resume_is_exact(straight, tmp_p
     """SIGUSR1 to one worker (as Slurm sends it) or SIGTERM to torchrun (as Kubernetes does)."""
     out = tmp_path / "out"
     proc = launch(out)
-    wait_until(lambda: last_step(out)[0] >= 1, proc)  # inside epoch 2
+    wait_until(lambda: last_step(out)[0] >= 1, proc=proc, what="epoch 1's checkpoint")  # inside epoch 2
     (worker(proc, 1) if target == "rank 1" else psutil.Process(proc.pid)).send_signal(signum)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0  # never mistaken for a finished job
@@ -88,13 +58,13 @@ def test_signal_stops_every_rank_at_one_step_and_resume_is_exact(straight, tmp_p
     resumed = run_job([*COMMON, f"train.out_dir={out}"], nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at epoch {epoch + 1} step {step}" in resumed.stdout
-    assert_same_as(straight, out)
+    assert_same_as(straight[0], out)
 
 
 def test_kill_after_a_step_checkpoint_resumes_mid_epoch_exactly(straight, tmp_path):
     out = tmp_path / "out"
     proc = launch(out, "train.checkpoint_every_steps=3")
-    wait_until(lambda: last_step(out)[1] > 0, proc)  # a mid-epoch checkpoint
+    wait_until(lambda: last_step(out)[1] > 0, proc=proc, what="a mid-epoch checkpoint")
     kill_tree(proc.pid)
     proc.wait()
     epoch, step = last_step(out)
@@ -102,37 +72,29 @@ def test_kill_after_a_step_checkpoint_resumes_mid_epoch_exactly(straight, tmp_pa
     resumed = run_job([*COMMON, f"train.out_dir={out}", "train.checkpoint_every_steps=3"], nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at epoch {epoch + 1} step {step}" in resumed.stdout
-    assert_same_as(straight, out)
+    assert_same_as(straight[0], out)
 
 
 def test_torchrun_restarts_after_repeated_sigkills_and_ends_bit_for_bit(straight, tmp_path):
     """SIGKILL rank 1 three times at different steps under --max-restarts=3: each restart resumes."""
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=3",
-           "-m", "job.train", *COMMON, f"train.out_dir={out}", "train.checkpoint_every_steps=4"]
     env = job_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")  # as README, sbatch and manifests set it
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = launch(out, "train.checkpoint_every_steps=4", env=env, torchrun=("--max-restarts=3",))
     try:
         seen = (0, 0)
         for attempt in range(3):
-            wait_until(lambda: last_step(out) > seen, proc)  # progress since the last kill
-            victim = None
-            while victim is None:
-                try:
-                    w = worker(proc, 1)
-                    victim = w if w.environ().get("TORCHELASTIC_RESTART_COUNT") == str(attempt) else None
-                except (AssertionError, psutil.Error):
-                    pass
-                assert proc.poll() is None
+            wait_until(lambda: last_step(out) > seen, proc=proc, what=f"progress after kill {attempt}")
+            victims = []
+            wait_until(lambda: victims.extend(restarted_worker(proc, attempt)) or victims, timeout=60, proc=proc,
+                       what=f"rank 1 of restart {attempt}")
             seen = last_step(out)
-            victim.kill()
+            victims[0].kill()
         stdout, stderr = proc.communicate(timeout=300)
     finally:
         kill_tree(proc.pid)
     assert proc.returncode == 0, stderr[-4000:]
     assert stdout.count("resuming") == 3
-    assert_same_as(straight, out)
+    assert_same_as(straight[0], out)
 
 
 def test_unreadable_newest_checkpoint_falls_back_to_the_previous_one(straight, tmp_path):
@@ -140,13 +102,13 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_previous_one(straight, t
     first = run_job([*COMMON, f"train.out_dir={out}", "train.stop_after_epochs=2"], nproc=2)
     assert first.returncode == 0, first.stderr[-3000:]
     last = out / "checkpoints" / "last.pt"
-    assert load_ckpt(out / "checkpoints" / "last.prev.pt")["epoch"] == 1
+    assert train_state(out / "checkpoints" / "last.prev.pt")["epoch"] == 1
     last.write_bytes(last.read_bytes()[:1000])  # a torn file, as a dying disk or node leaves it
     resumed = run_job([*COMMON, f"train.out_dir={out}"], nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"warning: cannot read checkpoint {last}" in resumed.stderr
     assert "using the previous checkpoint" in resumed.stderr and "at epoch 2 step 0" in resumed.stdout
-    assert_same_as(straight, out)
+    assert_same_as(straight[0], out)
 
 
 def test_killed_during_a_save_leaves_a_usable_checkpoint(straight, tmp_path):
@@ -155,15 +117,12 @@ def test_killed_during_a_save_leaves_a_usable_checkpoint(straight, tmp_path):
     env = faulty_save_env(tmp_path, f"f.write(b'x' * 100000); f.flush()\nopen({str(marker)!r}, 'w').close()\n"
                                     "time.sleep(600)")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "job.train",
-           *COMMON, f"train.out_dir={out}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    wait_until(lambda: marker.exists(), proc)
+    proc = launch(out, env=env)
+    wait_until(marker.exists, proc=proc, what="the stalled save")
     kill_tree(proc.pid)
     assert (out / "checkpoints" / ".last.pt.tmp").stat().st_size == 100000  # the half-written file
-    assert load_ckpt(out / "checkpoints" / "last.pt")["epoch"] == 1  # the old one, whole
+    assert train_state(out / "checkpoints" / "last.pt")["epoch"] == 1  # the old one, whole
     resumed = run_job([*COMMON, f"train.out_dir={out}"], nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "at epoch 2 step 0" in resumed.stdout
-    assert_same_as(straight, out)
+    assert_same_as(straight[0], out)

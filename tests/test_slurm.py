@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests import slurm_cluster
-from tests.conftest import ROOT, TINY, job_env, read_metrics
+from tests.conftest import ROOT, TINY, job_env, read_metrics, train_state, wait_until
 
 pytestmark = pytest.mark.skipif(slurm_cluster.available() is not None, reason=str(slurm_cluster.available()))
 
@@ -27,11 +27,9 @@ def submit(cluster, workdir, *overrides: str) -> str:
 
 
 def wait_state(cluster, job_id: str, states: set[str], timeout: float = 300) -> str:
-    deadline = time.monotonic() + timeout
-    while (state := cluster.job_state(job_id)) not in states:
-        assert time.monotonic() < deadline, f"job {job_id} still {state}\n{cluster.logs()}"
-        time.sleep(0.5)
-    return state
+    wait_until(lambda: cluster.job_state(job_id) in states, timeout, what=f"job {job_id} in {sorted(states)}",
+               interval=0.5)
+    return cluster.job_state(job_id)
 
 
 def test_two_node_job_completes(cluster, tmp_path):
@@ -51,26 +49,25 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tmp_path):
     out = tmp_path / "out"
     job = submit(cluster, tmp_path, *TINY, "train.epochs=6", "data.train_subset=2048", f"train.out_dir={out}")
     metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
-        assert time.monotonic() < deadline and cluster.job_state(job) in ("PENDING", "RUNNING"), cluster.logs()
-        time.sleep(0.2)
+    def first_epoch_done() -> bool:
+        assert cluster.job_state(job) in ("PENDING", "RUNNING"), cluster.logs()
+        return metrics.exists() and metrics.read_text().count("\n") >= 1
+    wait_until(first_epoch_done, 300, what="the first epoch")
     # what --signal=B:USR1@120 does near the time limit: USR1 to the batch script only
     cluster.run("scancel", "--signal=USR1", "--batch", job)
-    deadline = time.monotonic() + 120
-    while "REQUEUE" not in cluster.job_state(job) and cluster.job_state(job) != "PENDING":
-        assert time.monotonic() < deadline, (tmp_path / f"senet-{job}.out").read_text()[-4000:]
-        time.sleep(0.2)
-    stopped = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    wait_until(lambda: "REQUEUE" in cluster.job_state(job) or cluster.job_state(job) == "PENDING", 120,
+               what="the requeue")
+    stopped = train_state(out / "checkpoints" / "last.pt")
     assert (stopped["epoch"], stopped["step"]) != (6, 0)
     wait_state(cluster, job, {"PENDING"}, timeout=60)
     # Starting it again before the nodes have cleaned up the first run fails it ("Job credential
     # revoked"): Slurm's own ~120 s hold avoids that; the test waits for idle nodes instead.
-    deadline = time.monotonic() + 60
-    while set(cluster.run("sinfo", "-N", "-h", "-o", "%t").stdout.split()) != {"idle"}:
-        assert time.monotonic() < deadline, cluster.logs()
-        time.sleep(0.5)
-    time.sleep(2)
+    wait_until(lambda: set(cluster.run("sinfo", "-N", "-h", "-o", "%t").stdout.split()) == {"idle"}, 60,
+               what="idle nodes", interval=0.5)
+    # slurmd compares a credential's creation time with the requeue's revocation at 1 s resolution:
+    # the new start must fall in a later second than the revocation
+    requeued = time.time()
+    wait_until(lambda: time.time() >= requeued + 2, 5, what="the next second")
     cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # else Slurm holds it ~120 s
     state = wait_state(cluster, job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"})
     log = (tmp_path / f"senet-{job}.out").read_text()

@@ -1,24 +1,13 @@
 """The job end to end, as a user runs it: torchrun with 2 CPU ranks, plain python, resume, bad launches."""
 
 import pytest
-import torch
 
-from tests.conftest import TIME_KEYS, load_ckpt, read_metrics, run_job
-
+from tests.conftest import COMMON, assert_same_as, load_ckpt, read_metrics, run_job, train_state
 
 
-@pytest.fixture(scope="module")
-def two_rank_run(tmp_path_factory):
-    """One 2-process torchrun of 3 epochs, shared by the tests that read its outputs."""
-    from tests.conftest import TINY
-    out = tmp_path_factory.mktemp("run") / "out"
-    result = run_job([*TINY, "train.epochs=3", f"train.out_dir={out}"], nproc=2)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out, result
 
-
-def test_two_ranks_learn_far_above_chance(two_rank_run):
-    out, result = two_rank_run
+def test_two_ranks_learn_far_above_chance(straight):
+    out, result = straight
     records = read_metrics(out)
     epochs, final = records[:-1], records[-1]
     assert [r["epoch"] for r in epochs] == [0, 1, 2]
@@ -29,8 +18,8 @@ def test_two_ranks_learn_far_above_chance(two_rank_run):
         assert 0 <= r["train_acc"] <= 1 and 0 <= r["val_acc"] <= 1 and r["images_per_sec"] > 0
 
 
-def test_rank_zero_alone_prints_one_start_line_and_one_line_per_epoch(two_rank_run):
-    _, result = two_rank_run
+def test_rank_zero_alone_prints_one_start_line_and_one_line_per_epoch(straight):
+    _, result = straight
     lines = result.stdout.splitlines()
     start = [line for line in lines if line.startswith("senet-job:")]
     assert len(start) == 1
@@ -41,42 +30,33 @@ def test_rank_zero_alone_prints_one_start_line_and_one_line_per_epoch(two_rank_r
     assert all(k in epoch_lines[0] for k in ("loss", "train_acc", "val_acc", "lr", "img/s", "ETA"))
 
 
-def test_outputs_config_and_checkpoints(two_rank_run):
-    out, _ = two_rank_run
+def test_outputs_config_and_checkpoints(straight):
+    out, _ = straight
     import yaml
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["epochs"] == 3
     last = load_ckpt(out / "checkpoints" / "last.pt")
-    assert last["epoch"] == 3 and last["world_size"] == 2
-    assert {"model", "optimizer", "scheduler", "scaler", "rng", "config"} <= set(last)
+    assert last["train_state"]["epoch"] == 3 and last["world_size"] == 2
+    assert set(last) == {"model", "optimizer", "scheduler", "scaler", "train_state", "rng", "config", "world_size"}
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in last["model"])
     from senet import senet18
     senet18(width=8).load_state_dict(last["model"], strict=True)
-    best = load_ckpt(out / "checkpoints" / "best.pt")
+    best = load_ckpt(out / "checkpoints" / "best.pt")["train_state"]
     assert best["epoch"] - 1 == best["best_epoch"] == read_metrics(out)[-1]["best_epoch"]
+    assert best["best_val_acc"] == read_metrics(out)[-1]["best_val_acc"] > 0.9
     assert not list((out / "checkpoints").glob("*.tmp"))
 
 
-def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, tiny):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    common = [*tiny, "train.epochs=3", "data.train_subset=512"]
-    assert run_job([*common, f"train.out_dir={straight}"], nproc=2).returncode == 0
-    first = run_job([*common, f"train.out_dir={split}", "train.stop_after_epochs=1"], nproc=2)
+def test_resume_reproduces_the_uninterrupted_run_exactly(straight, tmp_path):
+    straight, split = straight[0], tmp_path / "split"
+    first = run_job([*COMMON, f"train.out_dir={split}", "train.stop_after_epochs=1"], nproc=2)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "stopped after epoch 1 of 3" in first.stdout
-    assert load_ckpt(split / "checkpoints" / "last.pt")["epoch"] == 1
-    second = run_job([*common, f"train.out_dir={split}"], nproc=2)
+    assert train_state(split / "checkpoints" / "last.pt")["epoch"] == 1
+    second = run_job([*COMMON, f"train.out_dir={split}"], nproc=2)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming" in second.stdout and "at epoch 2" in second.stdout
 
-    a, b = load_ckpt(straight / "checkpoints" / "last.pt"), load_ckpt(split / "checkpoints" / "last.pt")
-    assert a["model"].keys() == b["model"].keys()
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # bit for bit
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
-    ma, mb = read_metrics(straight), read_metrics(split)
-    assert [r.get("epoch") for r in mb] == [0, 1, 2, None]  # each epoch once, then the final record
-    strip = [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in ma]
-    assert strip == [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in mb]
+    assert_same_as(straight, split)
 
 
 def test_plain_python_without_torchrun(tmp_path, tiny):
@@ -86,8 +66,8 @@ def test_plain_python_without_torchrun(tmp_path, tiny):
     assert read_metrics(tmp_path / "out")[-1]["test_images"] == 512
 
 
-def test_resume_never_refuses_to_overwrite_and_a_finished_run_is_kept(two_rank_run, tiny, tmp_path):
-    out, _ = two_rank_run
+def test_resume_never_refuses_to_overwrite_and_a_finished_run_is_kept(straight, tiny, tmp_path):
+    out, _ = straight
     before = (out / "checkpoints" / "last.pt").read_bytes()
     result = run_job([*tiny, "train.epochs=3", f"train.out_dir={out}", "train.resume=never"])
     assert result.returncode == 1
@@ -101,8 +81,8 @@ def test_resume_never_refuses_to_overwrite_and_a_finished_run_is_kept(two_rank_r
      "error: checkpoint {ckpt} is for another model: width=8 (config says 16)"),
     (["train.out_dir={tmp}/file/out"], "error: cannot write to train.out_dir {tmp}/file/out: Not a directory"),
 ])
-def test_bad_launches_fail_in_one_line(two_rank_run, tiny, tmp_path, extra, message):
-    ckpt = two_rank_run[0] / "checkpoints" / "last.pt"
+def test_bad_launches_fail_in_one_line(straight, tiny, tmp_path, extra, message):
+    ckpt = straight[0] / "checkpoints" / "last.pt"
     (tmp_path / "file").write_text("not a directory")
     args = [a.format(tmp=tmp_path, ckpt=ckpt) for a in extra]
     result = run_job([*tiny, f"train.out_dir={tmp_path / 'new'}", *args])

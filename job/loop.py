@@ -1,0 +1,132 @@
+"""The training loop's pieces: where training stands (TrainState), what is trained (Parts), one step, one epoch."""
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from job import data
+from job.config import Config
+from job.data import Splits
+from job.distributed import Runtime
+
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """train.precision as an autocast dtype (None: fp32); auto is bf16 on CUDA, fp32 on the CPU."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return AUTOCAST[precision]
+
+
+@dataclass(kw_only=True)
+class TrainState:
+    """Where training stands: everything besides the weights and the optimizer that a resume continues from."""
+
+    epoch: int = 0
+    """Epochs done."""
+    step: int = 0
+    """Optimizer steps done in the next epoch (non-zero only in a mid-epoch checkpoint)."""
+    partial: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    """Loss sum, correct and count of those steps, over all ranks."""
+    best_val_acc: float | None = None
+    """The best validation accuracy so far (None: no epoch validated yet, or no validation split)."""
+    best_epoch: int | None = None
+    """The epoch best.pt holds."""
+    history: list[dict] = field(default_factory=list)
+    """One record per finished epoch, as in metrics.jsonl."""
+    mlflow_run_id: str | None = None
+    """The MLflow run this training logs to (reopened on resume)."""
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, state[f.name])
+
+    def end_epoch(self, record: dict) -> bool:
+        """Count a finished epoch; True if its model is the best so far (without validation: the latest)."""
+        val_acc = record["val_acc"]
+        best = val_acc is None or self.best_val_acc is None or val_acc > self.best_val_acc
+        if best:
+            self.best_val_acc, self.best_epoch = val_acc, record["epoch"]
+        self.epoch, self.step, self.partial = record["epoch"] + 1, 0, [0.0, 0.0, 0.0]
+        self.history.append(record)
+        return best
+
+
+@dataclass
+class Parts:
+    """What is trained: the bare model (checkpoints, registry), the wrapped ones that run, and the optimizer's."""
+
+    model: nn.Module
+    train_model: nn.Module
+    """The model as the training step calls it: DDP and/or compiled."""
+    eval_model: nn.Module
+    """The model as evaluation calls it: compiled or bare, never DDP."""
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               x: torch.Tensor, y: torch.Tensor, *, dtype: torch.dtype | None,
+               label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward under autocast, loss, backward, optimizer step; returns (loss, logits), still on the device."""
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+        logits = model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss, logits
+
+
+def train_one_epoch(parts: Parts, splits: Splits, cfg: Config, runtime: Runtime, state: TrainState,
+                    tracker, on_step) -> dict:
+    """This rank's shard of epoch state.epoch from step state.step; loss and accuracy over all ranks.
+
+    on_step(state, step, steps, sums) runs after every optimizer step: the stop-signal check and step
+    checkpoints (train.StepEnd). tracker draws the progress bar and times the steps.
+    """
+    t = cfg.train
+    epoch, start = state.epoch, state.step
+    per_rank = t.batch_size // runtime.world_size
+    order = data.epoch_indices(len(splits.train_y), t.seed, epoch, runtime.rank, runtime.world_size)
+    order = order.to(runtime.device)
+    steps = len(order) // per_rank
+    dtype = autocast_dtype(t.precision, runtime.device)
+    # loss sum, correct, count: what earlier launches counted of this epoch (once, on rank 0), then this one's
+    sums = torch.tensor(state.partial if runtime.is_main else [0.0] * 3, dtype=torch.float64, device=runtime.device)
+    clock = tracker.step_clock()
+    parts.train_model.train()
+    for step in tracker.progress(range(start, steps), steps - start, f"epoch {epoch + 1}"):
+        clock.mark()
+        idx = order[step * per_rank:(step + 1) * per_rank]
+        g = data.step_generator(t.seed, epoch, step, runtime.rank, runtime.device)
+        x = data.normalize(data.augment(splits.train_x[idx], g, cfg.data.cutout), t.channels_last)
+        y = splits.train_y[idx]
+        loss, logits = train_step(parts.train_model, parts.optimizer, parts.scaler, x, y, dtype=dtype,
+                                  label_smoothing=t.label_smoothing)
+        parts.scheduler.step()
+        # in place on the device; no tensor made from a host number (on CUDA that would sync every step)
+        sums[0] += loss.detach().double() * len(y)
+        sums[1] += (logits.argmax(1) == y).sum()
+        sums[2] += len(y)
+        on_step(state, step + 1, steps, sums)
+    clock.mark()
+    tracker.log_steps(epoch, start, clock)
+    dist.all_reduce(sums)
+    loss_sum, correct, count = sums.tolist()
+    return {"train_loss": loss_sum / count, "train_acc": correct / count,
+            "images": (steps - start) * per_rank * runtime.world_size}

@@ -1,0 +1,251 @@
+"""Fast, in-process checks of the pure logic that the end-to-end runs reach only through whole trainings:
+the LR schedule, the resume choice, the checkpoint's parts, the TrainState, the promotion gate, the outage queue."""
+
+import math
+
+import pytest
+import torch
+
+from job import checkpoint
+from job.checkpoint import CheckpointError, Checkpointer
+from job.config import Config, TrainConfig
+from job.distributed import Runtime
+from job.loop import Parts, TrainState
+from job.optim import build_optimizer, build_scheduler, lr_factor, peak_lr
+from job.registry import promote
+from job.tracking import Tracker
+from senet import senet18
+
+CPU = Runtime(rank=0, local_rank=0, world_size=1, local_world_size=1, num_nodes=1, device=torch.device("cpu"),
+              backend="gloo")
+
+
+# ---- LR schedule ---------------------------------------------------------------------------------------------
+
+def test_warmup_rises_linearly_to_the_peak_then_cosine_falls_to_zero():
+    total, warmup = 100, 10
+    factors = [lr_factor(s, total, warmup, "cosine") for s in range(total)]
+    assert factors[:warmup] == pytest.approx([(s + 1) / warmup for s in range(warmup)])
+    assert factors[warmup] == 1.0
+    assert factors[55] == pytest.approx(0.5)  # half way through the decay
+    assert all(a >= b for a, b in zip(factors[warmup:], factors[warmup + 1:]))
+    assert lr_factor(total, total, warmup, "cosine") == pytest.approx(0.0, abs=1e-12)
+
+
+def test_onecycle_decays_linearly_and_never_goes_negative():
+    assert [lr_factor(s, 10, 0, "onecycle") for s in (0, 5, 10, 12)] == pytest.approx([1.0, 0.5, 0.0, 0.0])
+
+
+def test_no_warmup_starts_at_the_peak():
+    assert lr_factor(0, 10, 0, "cosine") == 1.0
+
+
+def test_scheduler_steps_per_optimizer_step_at_the_linearly_scaled_peak():
+    cfg = TrainConfig(lr=0.1, ref_batch_size=128, batch_size=512, epochs=2, warmup_epochs=1.0)
+    assert peak_lr(cfg) == pytest.approx(0.4)
+    model = senet18(width=4)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=5)
+    lrs = []
+    for _ in range(10):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:5] == pytest.approx([0.08, 0.16, 0.24, 0.32, 0.4])
+    assert lrs[5] == pytest.approx(0.4) and lrs[9] == pytest.approx(0.4 * 0.5 * (1 + math.cos(math.pi * 0.8)))
+
+
+def test_no_weight_decay_on_batchnorm_and_biases():
+    model = senet18(width=4)
+    decay, no_decay = build_optimizer(model, TrainConfig()).param_groups
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+# ---- TrainState and the checkpoint's parts --------------------------------------------------------------------
+
+def test_train_state_tracks_the_best_epoch_and_round_trips():
+    state = TrainState()
+    assert state.best_val_acc is None
+    records = [{"epoch": 0, "val_acc": 0.5}, {"epoch": 1, "val_acc": 0.7}, {"epoch": 2, "val_acc": 0.6}]
+    assert [state.end_epoch(r) for r in records] == [True, True, False]
+    assert (state.epoch, state.step, state.best_epoch, state.best_val_acc) == (3, 0, 1, 0.7)
+    copy = TrainState()
+    copy.load_state_dict(state.state_dict())
+    assert copy == state
+
+
+def test_without_validation_every_epoch_is_the_latest_best():
+    state = TrainState()
+    assert [state.end_epoch({"epoch": e, "val_acc": None}) for e in range(3)] == [True, True, True]
+    assert state.best_epoch == 2 and state.best_val_acc is None
+
+
+def parts_of(model: torch.nn.Module) -> Parts:
+    optimizer = build_optimizer(model, TrainConfig())
+    return Parts(model, model, model, optimizer, build_scheduler(optimizer, TrainConfig(), 3),
+                 torch.amp.GradScaler("cpu", enabled=False))
+
+
+def test_checkpointer_writes_last_and_best_built_from_the_parts(tmp_path):
+    parts, state = parts_of(senet18(width=4)), TrainState(epoch=2, best_epoch=1, best_val_acc=0.5)
+    writer = Checkpointer(str(tmp_path), CPU, Config().to_dict())
+    writer.save(parts, state)
+    assert not writer.best.exists()
+    writer.save(parts, state, best=True)
+    saved = checkpoint.load(writer.best)
+    assert set(saved) == set(checkpoint.KEYS)
+    assert saved["train_state"] == state.state_dict()
+    assert all(torch.equal(saved["model"][k], v) for k, v in parts.model.state_dict().items())
+    assert checkpoint.previous(writer.last).is_file()  # the first last.pt, kept as the fallback
+
+
+def test_other_ranks_write_nothing(tmp_path):
+    rank1 = Runtime(rank=1, local_rank=1, world_size=2, local_world_size=2, num_nodes=1, device=torch.device("cpu"),
+                    backend="gloo")
+    Checkpointer(str(tmp_path), rank1, {}).save(parts_of(senet18(width=4)), TrainState(), best=True)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("content", [{"conv1.weight": torch.zeros(1)}, [1, 2]], ids=["bare state_dict", "list"])
+def test_files_that_are_not_job_checkpoints_are_refused_in_one_line(tmp_path, content):
+    path = tmp_path / "x.pt"
+    torch.save(content, path)
+    with pytest.raises(CheckpointError, match=r"is not a senet-job checkpoint: it has no ") as e:
+        checkpoint.load(path)
+    assert "\n" not in str(e.value)
+
+
+# ---- which checkpoint a launch resumes from ----------------------------------------------------------------------
+
+def write(path, epoch: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({**{k: {} for k in checkpoint.KEYS}, "train_state": {"epoch": epoch}}, path)
+
+
+def test_resume_auto_starts_fresh_without_a_checkpoint(tmp_path):
+    assert checkpoint.resume_from("auto", str(tmp_path), warn=pytest.fail) is None
+
+
+def test_resume_auto_takes_last_and_falls_back_to_the_previous_one(tmp_path):
+    last = checkpoint.directory(str(tmp_path)) / "last.pt"
+    write(last, 2)
+    write(checkpoint.previous(last), 1)
+    path, state = checkpoint.resume_from("auto", str(tmp_path), warn=pytest.fail)
+    assert path == last and state["train_state"]["epoch"] == 2
+    last.write_bytes(b"torn")
+    warnings = []
+    path, state = checkpoint.resume_from("auto", str(tmp_path), warn=warnings.append)
+    assert path == checkpoint.previous(last) and state["train_state"]["epoch"] == 1
+    assert len(warnings) == 1 and "using the previous checkpoint" in warnings[0]
+
+
+def test_resume_never_refuses_an_out_dir_with_a_checkpoint(tmp_path):
+    write(checkpoint.directory(str(tmp_path)) / "last.pt", 1)
+    with pytest.raises(CheckpointError, match="already holds a checkpoint"):
+        checkpoint.resume_from("never", str(tmp_path), warn=pytest.fail)
+
+
+def test_resume_from_an_explicit_path_does_not_fall_back(tmp_path):
+    other = tmp_path / "other.pt"
+    write(other, 4)
+    assert checkpoint.resume_from(str(other), str(tmp_path / "out"), warn=pytest.fail)[1]["train_state"]["epoch"] == 4
+    other.write_bytes(b"torn")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        checkpoint.resume_from(str(other), str(tmp_path / "out"), warn=pytest.fail)
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        checkpoint.resume_from(str(tmp_path / "missing.pt"), str(tmp_path / "out"), warn=pytest.fail)
+
+
+def test_a_checkpoint_of_another_model_shape_is_refused():
+    saved = {"config": Config().to_dict()}
+    with pytest.raises(CheckpointError, match=r"is for another model: width=64 \(config says 16\)"):
+        checkpoint.check_model(saved, {**Config().to_dict()["model"], "width": 16}, "p.pt")
+
+
+# ---- the promotion gate ---------------------------------------------------------------------------------------
+
+class Registry:
+    """The part of MlflowClient that the gate uses: versions with val_acc tags and aliases."""
+
+    def __init__(self, versions: dict[str, float]):
+        self.val_acc = versions
+        self.aliases: dict[str, str] = {}
+
+    def get_model_version_by_alias(self, name, alias):
+        if alias not in self.aliases:
+            raise LookupError(f"no alias {alias}")  # MLflow raises an MlflowException
+        version = self.aliases[alias]
+        return type("Version", (), {"version": version, "tags": {"val_acc": str(self.val_acc[version])}})
+
+    def set_registered_model_alias(self, name, alias, version):
+        self.aliases[alias] = version
+
+
+def test_first_version_becomes_champion():
+    registry = Registry({"1": 0.8})
+    line = promote(registry, "m", "1", 0.8, margin=0.0)
+    assert registry.aliases == {"champion": "1"} and "there was no champion" in line
+
+
+@pytest.mark.parametrize("new,margin,alias", [(0.85, 0.0, "champion"), (0.8, 0.0, "challenger"),
+                                              (0.79, 0.0, "challenger"), (0.85, 0.05, "challenger"),
+                                              (0.86, 0.05, "champion")])
+def test_champion_moves_only_when_beaten_by_more_than_the_margin(new, margin, alias):
+    registry = Registry({"1": 0.8, "2": new})
+    registry.aliases["champion"] = "1"
+    line = promote(registry, "m", "2", new, margin)
+    assert registry.aliases[alias] == "2" and f"is @{alias}" in line
+    assert registry.aliases["champion"] == ("2" if alias == "champion" else "1")
+
+
+def test_without_validation_a_version_is_never_promoted():
+    registry = Registry({"1": 0.8, "2": 0.99})
+    registry.aliases["champion"] = "1"
+    assert "is not promoted" in promote(registry, "m", "2", None, 0.0)
+    assert registry.aliases == {"champion": "1", "challenger": "2"}
+
+
+# ---- the MLflow outage queue ------------------------------------------------------------------------------------
+
+class FlakyMlflow:
+    """Stands in for the mlflow module: log_metrics fails while `down` is set, else records (step, metrics)."""
+
+    def __init__(self):
+        self.down, self.logged = False, []
+
+    def log_metrics(self, metrics, step=None):
+        if self.down:
+            raise ConnectionError("Connection refused\nretries exhausted")
+        self.logged.append((step, metrics))
+
+
+def test_epochs_queue_while_the_server_is_away_and_go_out_in_order(tmp_path, capsys):
+    cfg = Config()
+    cfg.train.out_dir = str(tmp_path)
+    tracker = Tracker(cfg, CPU)
+    tracker.mlflow = FlakyMlflow()
+    record = {"train_loss": 1.0, "train_acc": 0.5, "val_loss": None, "val_acc": None, "lr": 0.1,
+              "images_per_sec": 1.0, "epoch_time_s": 1.0}
+    tracker.log_epoch({"epoch": 0, **record}, epochs=4, eta_s=0)
+    tracker.mlflow.down = True
+    tracker.log_epoch({"epoch": 1, **record}, epochs=4, eta_s=0)
+    tracker.log_epoch({"epoch": 2, **record}, epochs=4, eta_s=0)
+    assert [r["epoch"] for r in tracker.pending] == [1, 2]
+    err = capsys.readouterr().err
+    assert err.count("warning: MLflow unreachable (Connection refused)") == 1  # once, first line of the reason
+    tracker.mlflow.down = False
+    tracker.log_epoch({"epoch": 3, **record}, epochs=4, eta_s=0)
+    assert [step for step, _ in tracker.mlflow.logged] == [0, 1, 2, 3] and not tracker.pending
+    assert "val_acc" not in tracker.mlflow.logged[0][1]  # None values are not sent
+    assert "tracking server is back" in capsys.readouterr().out
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4  # the file has every epoch throughout
+
+
+def test_the_data_folder_is_torchvisions():
+    from torchvision.datasets import CIFAR10
+
+    from job import data
+
+    assert data.FOLDER == CIFAR10.base_folder  # job.data names it without importing torchvision
