@@ -1,8 +1,9 @@
 """The performance harness of senet-job: `python -m bench` (bench/README.md says what each figure means).
 
 (a) baseline.py  the seed-style step, written apart from the project (PIL, DataLoader, fp32 eager)
+    seed.py      the seed notebook's two classes, which the baseline trains
 (b) jobrun.py    job.train end to end as a subprocess; (e) launch to first step; (f) its peak RSS; DDP
-(c) steps.py     the bare model step with the project's model and optimizer; (d) the augmentation alone
+(c) steps.py     the bare model step: job.loop.train_step on the project's model; (d) the augmentation alone
     worker.py    runs one of (a), (c), (d) in a process of its own; child.py starts and watches children
-    common.py    modes, step timing, peak memory, machine facts; report.py ratios, targets, the table
+    common.py    modes, step-time summaries, peak memory, machine facts; report.py ratios, targets, the table
 """

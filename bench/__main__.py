@@ -24,9 +24,9 @@ DEFAULT_MODES = {
     "cuda": "eager,channels_last,bf16+channels_last,compile+bf16+channels_last,compile+bf16+channels_last+fused",
 }
 QUICK_MODES = "eager"
-SIZES = {  # batch 512 is the job's default; quick is for checking the harness, not for reading
-    "full": {"batch": 512, "steps": 5, "warmup": 3, "epochs": 3, "augment_steps": 30},
-    "quick": {"batch": 8, "steps": 2, "warmup": 1, "epochs": 2, "augment_steps": 5},
+SIZES = {  # batch 512 and width 64 are the job's defaults; quick is for checking the harness, not for reading
+    "full": {"batch": 512, "steps": 5, "warmup": 3, "epochs": 3, "augment_steps": 30, "width": 64},
+    "quick": {"batch": 8, "steps": 2, "warmup": 1, "epochs": 2, "augment_steps": 5, "width": 8},
 }
 PARTS = ("baseline", "augment", "bare_step", "job", "ddp")
 
@@ -44,6 +44,8 @@ class Plan:
     augment_batch: int
     augment_steps: int
     ddp_steps: int
+    width: int
+    """model.width of job.train and the bare step (the seed-style baseline is the seed's, always 64)."""
     threads: int | None
     timeout_s: float
     quick: bool
@@ -75,6 +77,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     steps = args.steps or size["steps"]
     return Plan(device=device, modes=modes, batch=args.batch or size["batch"], steps=steps, warmup=size["warmup"],
                 epochs=size["epochs"], augment_batch=512, augment_steps=size["augment_steps"], ddp_steps=steps,
+                width=size["width"],
                 threads=args.threads, timeout_s=args.timeout, quick=args.quick)
 
 
@@ -103,7 +106,7 @@ class Runner:
     def job(self, mode: str) -> dict:
         p = self.plan
         return jobrun.run_job(Mode.parse(mode), batch=p.batch, steps=p.steps, epochs=p.epochs, device=p.device,
-                              workdir=self.workdir, threads=p.threads, timeout_s=p.timeout_s)
+                              workdir=self.workdir, width=p.width, threads=p.threads, timeout_s=p.timeout_s)
 
 
 def run_parts(plan: Plan, parts: set[str], workdir: Path) -> dict:
@@ -128,7 +131,7 @@ def run_parts(plan: Plan, parts: set[str], workdir: Path) -> dict:
         for mode in p.modes:
             say(f"(c) bare model step, {mode}")
             results["bare_step"][mode] = runner.worker("bare_step", mode=mode, batch=p.batch, steps=p.steps,
-                                                       warmup=p.warmup)
+                                                       warmup=p.warmup, width=p.width)
             say(f"    {report.ips(results['bare_step'][mode])}")
     if "job" in parts:
         results["job"] = {}
@@ -140,7 +143,7 @@ def run_parts(plan: Plan, parts: set[str], workdir: Path) -> dict:
         mode = next((m for m in p.modes if Mode.parse(m).job_overrides() is not None), "eager")
         say(f"DDP scaling on the CPU, {mode}: 1 process x 1 thread, 1 x 2 threads, torchrun 2 x 1 thread")
         results["ddp"] = jobrun.ddp_scaling(Mode.parse(mode), batch=p.batch, steps=p.ddp_steps, epochs=p.epochs,
-                                            workdir=workdir, timeout_s=p.timeout_s)
+                                            workdir=workdir, width=p.width, timeout_s=p.timeout_s)
     return results
 
 

@@ -1,93 +1,26 @@
-"""(a) The seed-style baseline, written apart from the project: the seed's own classes, a torchvision-style
-dataset of PIL images, torchvision transforms through a DataLoader, fp32 eager NCHW, a plain SGD step.
+"""(a) The seed-style baseline, written apart from the project: the seed's own classes (bench/seed.py), a
+torchvision-style dataset of PIL images, torchvision transforms through a DataLoader, fp32 eager NCHW, a plain
+SGD step.
 
-Only the pixels come from the project (job.data.synthetic), so that no download is needed.
+Only the pixels (job.data.synthetic, so that no download is needed) and the step clock (job.clock) come from
+the project; not its model, data path or step.
 """
 
 import time
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from bench.common import StepTimer, summarize
+from bench.common import summarize
+from bench.seed import SENet
+from job.clock import StepClock
 from job.data import synthetic
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
-
-# ---- The seed's two classes, copied verbatim from tests/test_model.py (the seed's code, comments translated away) ----
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, in_channels, out_channels, stride=1):
-        super(BasicBlock, self).__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
-
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
-                nn.BatchNorm2d(out_channels))
-
-        self.fc1 = nn.Conv2d(out_channels, out_channels//16, kernel_size=1)
-        self.fc2 = nn.Conv2d(out_channels//16, out_channels, kernel_size=1)
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-
-        w = F.avg_pool2d(out, out.size(2))
-
-        w = F.relu(self.fc1(w))
-        w = F.sigmoid(self.fc2(w))
-
-        out = out * w
-        out += self.shortcut(x)
-        out = F.relu(out)
-        return out
-
-
-class SENet(nn.Module):
-    def __init__(self):
-        super(SENet, self).__init__()
-        self.num_classes = 10
-        self.in_channels = 64
-
-        self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.layer1 = self._make_layer(BasicBlock,  64, 2, stride=1)
-        self.layer2 = self._make_layer(BasicBlock, 128, 2, stride=2)
-        self.layer3 = self._make_layer(BasicBlock, 256, 2, stride=2)
-        self.layer4 = self._make_layer(BasicBlock, 512, 2, stride=2)
-        self.linear = nn.Linear(512, self.num_classes)
-
-    def _make_layer(self, block, out_channels, blocks, stride):
-        strides = [stride] + [1]*(blocks-1)
-        layers = []
-        for stride in strides:
-            layers.append(block(self.in_channels, out_channels, stride))
-            self.in_channels = out_channels
-        return nn.Sequential(*layers)
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layer1(out)
-        out = self.layer2(out)
-        out = self.layer3(out)
-        out = self.layer4(out)
-        out = F.avg_pool2d(out, 4)
-        out = out.view(out.size(0), -1)
-        out = self.linear(out)
-        return out
-
-# ---- end of the seed's code ----
 
 
 class PILImages(Dataset):
@@ -128,8 +61,8 @@ def train_steps(batch: int, steps: int, warmup: int, num_workers: int, device: t
     criterion = nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     model.train()
-    timer = StepTimer(device)
-    timer.mark()
+    clock = StepClock(device)
+    clock.mark()
     for inputs, targets in loader(batch, warmup + steps, num_workers):
         inputs, targets = inputs.to(device), targets.to(device)
         optimizer.zero_grad()
@@ -137,8 +70,8 @@ def train_steps(batch: int, steps: int, warmup: int, num_workers: int, device: t
         loss = criterion(outputs, targets)
         loss.backward()
         optimizer.step()
-        timer.mark()
-    return summarize(timer.durations(), warmup, batch)
+        clock.mark()
+    return summarize(clock.durations(), warmup, batch)
 
 
 def loader_only(batch: int, steps: int, num_workers: int) -> float:

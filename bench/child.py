@@ -49,12 +49,12 @@ def run_child(cmd: list[str], env: dict, log_path: Path, timeout_s: float, watch
                     break
                 if elapsed > timeout_s:
                     timed_out = True
-                    _kill_tree(proc.pid)
+                    kill_tree(proc.pid, wait=False)
                     _, status, usage = os.wait4(proc.pid, 0)
                     break
                 time.sleep(0.01)
         except BaseException:  # Ctrl-C: the child has its own session, so it would not hear it
-            _kill_tree(proc.pid)
+            kill_tree(proc.pid, wait=False)
             proc.wait()
             raise
         wall_s = time.perf_counter() - tic
@@ -62,13 +62,14 @@ def run_child(cmd: list[str], env: dict, log_path: Path, timeout_s: float, watch
     return Child(proc.returncode, wall_s, usage.ru_maxrss / 1024, watch_s, log_path.read_text(errors="replace"))
 
 
-def _kill_tree(pid: int) -> None:
-    """SIGKILL a child and its descendants, by pid (torchrun's workers have process groups of their own)."""
+def kill_tree(pid: int, wait: bool = True) -> None:
+    """SIGKILL a process and every descendant (torchrun's workers live in their own process groups); wait for
+    them to go, unless the caller reaps pid itself (wait=False)."""
     import psutil
 
     try:
         parent = psutil.Process(pid)
-        procs = [*parent.children(recursive=True), parent]
+        procs = [parent, *parent.children(recursive=True)]
     except psutil.NoSuchProcess:
         return
     for p in procs:
@@ -76,3 +77,5 @@ def _kill_tree(pid: int) -> None:
             p.kill()
         except psutil.NoSuchProcess:
             pass
+    if wait:
+        psutil.wait_procs(procs, timeout=30)

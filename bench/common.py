@@ -1,18 +1,16 @@
-"""What every part shares: modes, step timing, peak memory, machine facts."""
+"""What every part shares: modes, step-time summaries, peak memory, machine facts."""
 
-import ctypes
-import ctypes.util
 import datetime
 import os
 import platform
 import resource
 import statistics
-import subprocess
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from job import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 MODE_TOKENS = ("eager, fp32, channels_last, bf16, fp16, compile, compile:<torch.compile mode>, foreach, fused, "
@@ -31,7 +29,7 @@ class Mode:
     optimizer: str = "default"
     """SGD implementation: default (PyTorch's choice), foreach or fused."""
     malloc_cache: bool = False
-    """glibc keeps freed memory for reuse instead of unmapping it (see keep_freed_memory)."""
+    """glibc keeps freed memory for reuse instead of unmapping it (job.host.keep_freed_memory)."""
 
     @classmethod
     def parse(cls, name: str) -> "Mode":
@@ -62,42 +60,6 @@ class Mode:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc serve every allocation from its heap and keep what is freed (no mmap, no trim), so that each
-    step's large activations reuse resident pages instead of being unmapped and faulted in again (on this
-    CPU about 400,000 page faults and ~15% of the CPU time per step at batch 128). False where it cannot."""
-    name = ctypes.util.find_library("c")
-    if platform.system() != "Linux" or not name or platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(name)
-    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**30))
-
-
-class StepTimer:
-    """Durations between consecutive mark()s: CUDA events on a GPU (no host sync until durations()),
-    perf_counter on the CPU (where each step has finished when the Python call returns)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.marks = []
-
-    def mark(self) -> None:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.marks.append(event)
-        else:
-            self.marks.append(time.perf_counter())
-
-    def durations(self) -> list[float]:
-        """Seconds of each interval between marks."""
-        if self.cuda:
-            torch.cuda.synchronize()
-            return [a.elapsed_time(b) / 1000 for a, b in zip(self.marks, self.marks[1:])]
-        return [b - a for a, b in zip(self.marks, self.marks[1:])]
 
 
 def summarize(durations: list[float], warmup: int, batch: int) -> dict:
@@ -147,14 +109,12 @@ def machine(device: torch.device) -> dict:
 
 
 def git_commit() -> str | None:
-    """HEAD of this checkout, '-dirty' when tracked files differ from it; None outside git."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10,
-                              check=True).stdout.strip()
-    try:
-        return git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-    except (OSError, subprocess.SubprocessError):
+    """job.provenance's commit of this checkout as one field: '<sha>', '<sha>-dirty', or None outside git."""
+    commit = provenance.git_commit(ROOT)
+    if commit is None:
         return None
+    sha, dirty = commit
+    return f"{sha}-dirty" if dirty else sha
 
 
 def now() -> str:

@@ -1,7 +1,8 @@
 """(b) job.train end to end, (e) launch to first step, (f) its peak memory, and 2-process DDP scaling.
 
 The real job runs as a user runs it (`python -m job.train`, or torchrun), on the synthetic source at full
-width, with a training subset of exactly `steps` batches per epoch, no validation split and MLflow off.
+width (narrow in --quick), with a training subset of exactly `steps` batches per epoch, no validation split
+and MLflow off.
 It stops cleanly after `epochs` of `epochs + 1` (train.stop_after_epochs): the training loop is the job's
 own; the final test, plots and registry, which no training step waits for, are left out.
 
@@ -30,16 +31,17 @@ from job.config import TrainConfig
 HAS_STEP_TIMES = "step_times" in {f.name for f in dataclasses.fields(TrainConfig)}
 
 
-def job_args(overrides: list[str], batch: int, steps: int, epochs: int, device: str, out_dir: Path) -> list[str]:
-    """`epochs` epochs of exactly `steps` steps on synthetic data at full width, no validation, no MLflow."""
-    return ["data.source=synthetic", "model.width=64", "data.val_size=0", f"data.train_subset={steps * batch}",
+def job_args(overrides: list[str], batch: int, steps: int, epochs: int, device: str, out_dir: Path,
+             width: int = 64) -> list[str]:
+    """`epochs` epochs of exactly `steps` steps on synthetic data (full width unless told), no validation, no MLflow."""
+    return ["data.source=synthetic", f"model.width={width}", "data.val_size=0", f"data.train_subset={steps * batch}",
             f"data.test_subset={batch}", f"train.batch_size={batch}", f"train.eval_batch_size={batch}",
             f"train.epochs={epochs + 1}", f"train.stop_after_epochs={epochs}", f"train.device={device}",
             f"train.out_dir={out_dir}", "train.resume=never", "mlflow.enabled=false", *overrides,
             *(["train.step_times=true"] if HAS_STEP_TIMES else [])]
 
 
-def run_job(mode: Mode, *, batch: int, steps: int, epochs: int, device: str, workdir: Path,
+def run_job(mode: Mode, *, batch: int, steps: int, epochs: int, device: str, workdir: Path, width: int = 64,
             nproc: int = 1, threads: int | None = None, timeout_s: float = 3600) -> dict:
     """One launch of job.train; its figures, or {'error': ...}."""
     overrides = mode.job_overrides()
@@ -47,7 +49,7 @@ def run_job(mode: Mode, *, batch: int, steps: int, epochs: int, device: str, wor
         return {"skipped": f"job.train has no config key for mode {mode.name!r} (bare step only)"}
     tag = f"{mode.name.replace(':', '-')}-n{nproc}-t{threads or 'default'}"
     out_dir = Path(tempfile.mkdtemp(prefix=f"job-{tag}-", dir=workdir))
-    args = job_args(overrides, batch, steps, epochs, device, out_dir)
+    args = job_args(overrides, batch, steps, epochs, device, out_dir, width)
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc > 1 else [sys.executable])
     metrics = out_dir / "metrics.jsonl"
@@ -83,9 +85,10 @@ def _step_figures(path: Path, batch: int) -> dict:
     return out
 
 
-def ddp_scaling(mode: Mode, *, batch: int, steps: int, epochs: int, workdir: Path, timeout_s: float) -> dict:
+def ddp_scaling(mode: Mode, *, batch: int, steps: int, epochs: int, workdir: Path, timeout_s: float,
+                width: int = 64) -> dict:
     """torchrun with 2 CPU processes of 1 thread each against 1 process of 1 and of 2 threads."""
-    runs = {name: run_job(mode, batch=batch, steps=steps, epochs=epochs, device="cpu", workdir=workdir,
+    runs = {name: run_job(mode, batch=batch, steps=steps, epochs=epochs, device="cpu", workdir=workdir, width=width,
                           nproc=nproc, threads=threads, timeout_s=timeout_s)
             for name, nproc, threads in (("1proc_1thread", 1, 1), ("1proc_2threads", 1, 2),
                                          ("2proc_1thread", 2, 1))}

@@ -1,22 +1,23 @@
 """(c) The bare model step and (d) the augmentation, each alone, with the project's own code.
 
-The bare step is what job.train's step costs without the framework around it: the same model, optimizer
-(job.optim's groups, Nesterov), loss (label smoothing), precision, memory format and compilation, on one
-batch that is already augmented, normalised and on the device.
+The bare step is what job.train's step costs without the framework around it: job.loop.train_step itself
+(forward under autocast, label-smoothed loss, backward, optimizer step) with the same model, optimizer
+(job.optim's groups, Nesterov), precision, memory format and compilation, on one batch that is already
+augmented, normalised and on the device.
 """
 
 import time
 
 import torch
-import torch.nn.functional as F
 
-from bench.common import Mode, StepTimer, keep_freed_memory, summarize
+from bench.common import Mode, summarize
 from job import data
+from job.clock import StepClock
 from job.config import TrainConfig
+from job.host import keep_freed_memory
+from job.loop import AUTOCAST, train_step
 from job.optim import build_optimizer
 from senet import senet18
-
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def optimizer_for(model: torch.nn.Module, cfg: TrainConfig, implementation: str) -> torch.optim.SGD:
@@ -30,13 +31,13 @@ def optimizer_for(model: torch.nn.Module, cfg: TrainConfig, implementation: str)
                            **{implementation: True})
 
 
-def bare_step(*, mode: str, batch: int, steps: int, warmup: int, device: str) -> dict:
-    """Images/s of forward, loss, backward and optimizer step on a fixed device-resident batch."""
+def bare_step(*, mode: str, batch: int, steps: int, warmup: int, device: str, width: int = 64) -> dict:
+    """Images/s of job.loop.train_step on a fixed device-resident batch."""
     mode, device = Mode.parse(mode), torch.device(device)
     malloc_cache = keep_freed_memory() if mode.malloc_cache else None
     cfg = TrainConfig(batch_size=batch)
     torch.manual_seed(cfg.seed)
-    model = senet18().to(device)
+    model = senet18(width=width).to(device)
     images, labels = data.synthetic(batch, seed=1)
     x = data.normalize(images.to(device), mode.channels_last)
     y = labels.to(device)
@@ -48,17 +49,12 @@ def bare_step(*, mode: str, batch: int, steps: int, warmup: int, device: str) ->
         model, mode=None if mode.compile == "default" else mode.compile)
     dtype = AUTOCAST[mode.precision]
     model.train()
-    timer = StepTimer(device)
-    timer.mark()
+    clock = StepClock(device)
+    clock.mark()
     for _ in range(warmup + steps):
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = F.cross_entropy(step_model(x), y, label_smoothing=cfg.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        timer.mark()
-    return {**summarize(timer.durations(), warmup, batch), "mode": mode.to_dict(), "malloc_cache_set": malloc_cache}
+        train_step(step_model, optimizer, scaler, x, y, dtype=dtype, label_smoothing=cfg.label_smoothing)
+        clock.mark()
+    return {**summarize(clock.durations(), warmup, batch), "mode": mode.to_dict(), "malloc_cache_set": malloc_cache}
 
 
 def augment(*, batch: int, steps: int, warmup: int, device: str, malloc_cache: bool = False) -> dict:
@@ -69,22 +65,22 @@ def augment(*, batch: int, steps: int, warmup: int, device: str, malloc_cache: b
     images, _ = data.synthetic(batch * 4, seed=1)
     images = images.to(device)
     g = torch.Generator(device).manual_seed(0)
-    timer = StepTimer(device)
-    timer.mark()
+    clock = StepClock(device)
+    clock.mark()
     for _ in range(warmup + steps):
         data.normalize(data.augment(images[:batch], g))
-        timer.mark()
-    alone = summarize(timer.durations(), warmup, batch)
+        clock.mark()
+    alone = summarize(clock.durations(), warmup, batch)
 
     order = data.epoch_indices(len(images), seed=0, epoch=0, rank=0, world_size=1).to(device)
-    timer = StepTimer(device)
-    timer.mark()
+    clock = StepClock(device)
+    clock.mark()
     for step in range(warmup + steps):
         idx = order[(step % 4) * batch:(step % 4 + 1) * batch]
         g = data.step_generator(0, 0, step, 0, device)
         data.normalize(data.augment(images[idx], g))
-        timer.mark()
-    path = summarize(timer.durations(), warmup, batch)
+        clock.mark()
+    path = summarize(clock.durations(), warmup, batch)
     return {**alone, "job_data_path_images_per_sec": path["images_per_sec"],
             "epoch_indices_s_at_45000": _time_epoch_indices(45000), "malloc_cache_set": malloc_cache}
 

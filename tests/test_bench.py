@@ -1,18 +1,19 @@
 """The benchmark harness: `python -m bench --quick` writes every section with positive figures, and its parts
 measure what they say. No speed thresholds: speed targets are benchmark figures, not test assertions."""
 
-import inspect
+import ast
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from bench import baseline, report
+from bench import baseline, report, seed, steps
 from bench.child import run_child
 from bench.common import Mode, summarize
-from tests import test_model
+from job import loop
 from tests.conftest import ROOT
 
 
@@ -20,9 +21,12 @@ def _positive(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
-def test_baseline_uses_the_seeds_classes_verbatim():
-    for name in ("BasicBlock", "SENet"):
-        assert inspect.getsource(getattr(baseline, name)) == inspect.getsource(getattr(test_model, name))
+def test_baseline_trains_the_seeds_classes_and_the_bare_step_is_the_jobs():
+    assert baseline.SENet is seed.SENet  # bench/seed.py, checked against the notebook in tests/test_model.py
+    imported = {node.module for node in ast.walk(ast.parse(Path(baseline.__file__).read_text()))
+                if isinstance(node, ast.ImportFrom)}
+    assert {m for m in imported if m.startswith(("job", "senet"))} == {"job.clock", "job.data"}  # no model or step
+    assert steps.train_step is loop.train_step and steps.AUTOCAST is loop.AUTOCAST
 
 
 def test_modes_parse_and_map_to_the_jobs_config_keys():

@@ -1,6 +1,7 @@
 """The default senet18 is the seed notebook's SENet: same names, shapes, weights and outputs."""
 
 import ast
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -8,79 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from bench.seed import BasicBlock, SENet
 from senet import senet, senet18, senet34
-
-# ---- The seed's two classes, copied verbatim from ../shared/seed/ (comments translated away only) ----
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, in_channels, out_channels, stride=1):
-        super(BasicBlock, self).__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
-
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
-                nn.BatchNorm2d(out_channels))
-
-        self.fc1 = nn.Conv2d(out_channels, out_channels//16, kernel_size=1)
-        self.fc2 = nn.Conv2d(out_channels//16, out_channels, kernel_size=1)
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-
-        w = F.avg_pool2d(out, out.size(2))
-
-        w = F.relu(self.fc1(w))
-        w = F.sigmoid(self.fc2(w))
-
-        out = out * w
-        out += self.shortcut(x)
-        out = F.relu(out)
-        return out
-
-
-class SENet(nn.Module):
-    def __init__(self):
-        super(SENet, self).__init__()
-        self.num_classes = 10
-        self.in_channels = 64
-
-        self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.layer1 = self._make_layer(BasicBlock,  64, 2, stride=1)
-        self.layer2 = self._make_layer(BasicBlock, 128, 2, stride=2)
-        self.layer3 = self._make_layer(BasicBlock, 256, 2, stride=2)
-        self.layer4 = self._make_layer(BasicBlock, 512, 2, stride=2)
-        self.linear = nn.Linear(512, self.num_classes)
-
-    def _make_layer(self, block, out_channels, blocks, stride):
-        strides = [stride] + [1]*(blocks-1)
-        layers = []
-        for stride in strides:
-            layers.append(block(self.in_channels, out_channels, stride))
-            self.in_channels = out_channels
-        return nn.Sequential(*layers)
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layer1(out)
-        out = self.layer2(out)
-        out = self.layer3(out)
-        out = self.layer4(out)
-        out = F.avg_pool2d(out, 4)
-        out = out.view(out.size(0), -1)
-        out = self.linear(out)
-        return out
-
-# ---- end of the seed's code ----
 
 
 def _randomize_bn(model: nn.Module, seed: int) -> None:
@@ -167,14 +98,20 @@ def test_senet_imports_nothing_from_job_distributed_mlflow_or_yaml():
     assert out.strip() == "[]"
 
 
-def test_seed_file_still_matches_the_copy_above():
-    """Where ../shared is present, the classes above are the seed's own lines."""
+def _code(text: str) -> str:
+    """The lines of code in text, one per line, framed by newlines: no comment lines, blank lines, trailing spaces."""
+    lines = (line.rstrip() for line in text.splitlines())
+    return "\n" + "\n".join(line for line in lines if line and not line.lstrip().startswith("#")) + "\n"
+
+
+def test_bench_seed_is_the_seed_notebooks_two_classes_verbatim():
+    """bench/seed.py holds BasicBlock and SENet and nothing else, each the seed's own lines less its comments."""
     seed_dir = Path(__file__).resolve().parents[2] / "shared" / "seed"
     if not seed_dir.is_dir():
         pytest.skip("../shared/seed is absent (it exists in development and CI only)")
-    seed = "\n".join(p.read_text() for p in seed_dir.iterdir())
-    for line in ("self.fc1 = nn.Conv2d(out_channels, out_channels//16, kernel_size=1)",
-                 "w = F.sigmoid(self.fc2(w))", "out = F.avg_pool2d(out, 4)",
-                 "self.layer4 = self._make_layer(BasicBlock, 512, 2, stride=2)",
-                 "self.linear = nn.Linear(512, self.num_classes)"):
-        assert line in seed
+    notebook = _code("\n".join(p.read_text() for p in sorted(seed_dir.iterdir())))
+    _docstring, *body = ast.parse(Path(inspect.getfile(SENet)).read_text()).body
+    assert [getattr(n, "name", type(n).__name__) for n in body if not isinstance(n, (ast.Import, ast.ImportFrom))] \
+        == ["BasicBlock", "SENet"]
+    for cls in (BasicBlock, SENet):
+        assert _code(inspect.getsource(cls)) in notebook, cls.__name__
