@@ -67,6 +67,11 @@ def load(path: str | Path) -> dict:
     return state
 
 
+def weights(state: dict) -> dict:
+    """The weights to predict with: the EMA's when the run kept one (train.ema_decay > 0), else the model's."""
+    return state["ema"]["model"] if "ema" in state else state["model"]
+
+
 class Checkpointer:
     """last.pt (every save) and best.pt (best=True) of one run, written by rank 0 alone: one writer."""
 

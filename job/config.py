@@ -72,11 +72,15 @@ class DataConfig:
     val_size: int = 5000
     """Training images held out for validation (a fixed split, taken first); 0 = no validation."""
     train_subset: int | None = None
-    """Train on only the first N images left after the validation split (quick runs)."""
+    """Train on a fixed random N of the images left after the validation split (quick runs)."""
     test_subset: int | None = None
-    """Test on only the first N test images (quick runs)."""
+    """Test on a fixed random N of the test images, the same in every run (quick runs)."""
     cutout: int = 0
     """Side of a square cut out of each training image; 0 = off."""
+    mixup_alpha: float = 0.0
+    """MixUp on each device batch (torchvision.transforms.v2.MixUp), Beta(alpha, alpha); 0 = off."""
+    cutmix_alpha: float = 0.0
+    """CutMix on each device batch (v2.CutMix); 0 = off; with mixup_alpha too, one of the two per batch."""
 
     def __post_init__(self):
         _check_types(self, "data")
@@ -85,6 +89,9 @@ class DataConfig:
             value = getattr(self, key)
             _require(value is None or value >= 1, f"data.{key} must be >= 1 or null, got {value}")
         _require(0 <= self.cutout <= 32, f"data.cutout must be in [0, 32], got {self.cutout}")
+        for key in ("mixup_alpha", "cutmix_alpha"):
+            value = getattr(self, key)
+            _require(0 <= value <= 10, f"data.{key} must be in [0, 10] (0 = off), got {value}")
 
 
 @dataclass(kw_only=True)
@@ -103,6 +110,15 @@ class TrainConfig:
     """L2 penalty on conv and linear weights (not on BatchNorm or biases)."""
     label_smoothing: float = 0.1
     """Label smoothing of the training loss."""
+    ema_decay: float = 0.0
+    """EMA of the weights and BatchNorm buffers per step (0 = off); validation, test, best.pt's `ema` and the
+    registered model then use the averaged weights."""
+    tta: typing.Literal["none", "flip"] = "none"
+    """Test-time augmentation in validation and test: flip averages the logits of the image and its mirror."""
+    sync_bn: typing.Literal["auto", True, False] = "auto"
+    """SyncBatchNorm across ranks (CUDA only): auto turns it on when a rank's batch is below 32 images."""
+    clip_grad_norm: float = 0.0
+    """Clip the global gradient norm to this (0 = off)."""
     schedule: typing.Literal["cosine", "onecycle"] = "cosine"
     """After warmup: cosine (to 0) or onecycle (linear to 0)."""
     warmup_epochs: float = 5.0
@@ -154,6 +170,8 @@ class TrainConfig:
         _require(0 <= self.label_smoothing < 1,
                  f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         _require(self.warmup_epochs >= 0, f"train.warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        _require(0 <= self.ema_decay < 1, f"train.ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
+        _require(self.clip_grad_norm >= 0, f"train.clip_grad_norm must be >= 0 (0 = off), got {self.clip_grad_norm}")
         _require(self.threads >= 0, f"train.threads must be >= 0, got {self.threads}")
         _require(self.bucket_mb >= 1, f"train.bucket_mb must be >= 1, got {self.bucket_mb}")
         _require(bool(self.out_dir), "train.out_dir must not be empty")
@@ -223,7 +241,7 @@ def _unknown(key: str) -> ConfigError:
 
 def _one_of(options: tuple) -> str:
     """(a, b, c) -> 'a, b or c'"""
-    *rest, last = map(str, options)
+    *rest, last = (str(o).lower() if isinstance(o, bool) else str(o) for o in options)  # YAML's true, false
     return f"{', '.join(rest)} or {last}" if rest else last
 
 

@@ -163,18 +163,25 @@ def load_splits(cfg: DataConfig, runtime: Runtime) -> Splits:
     """Train / validation / test splits on the device, following data.* (val split first, then subsets)."""
     (x, y), (test_x, test_y) = _source(cfg, runtime)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(SPLIT_SEED))
-    val_idx, train_idx = order[:cfg.val_size], order[cfg.val_size:].sort().values
-    train_idx = train_idx[:cfg.train_subset]
-    test_x, test_y = test_x[:cfg.test_subset], test_y[:cfg.test_subset]
+    val_idx, train_idx = order[:cfg.val_size], order[cfg.val_size:][:cfg.train_subset].sort().values
+    test_idx = _subset(len(test_y), cfg.test_subset)
     d = runtime.device
     return Splits(x[train_idx].to(d), y[train_idx].to(d), x[val_idx].to(d), y[val_idx].to(d),
-                  test_x.to(d), test_y.to(d))
+                  test_x[test_idx].to(d), test_y[test_idx].to(d))
+
+
+def _subset(n: int, size: int | None) -> torch.Tensor:
+    """A fixed random `size` of range(n), in order (all of it for None): unbiased where files are sorted by class."""
+    if size is None or size >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))[:size].sort().values
 
 
 def load_test(cfg: DataConfig, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
     """The test split alone (data.test_subset applies), on the device."""
     _, (x, y) = _source(cfg, runtime)
-    return x[:cfg.test_subset].to(runtime.device), y[:cfg.test_subset].to(runtime.device)
+    idx = _subset(len(y), cfg.test_subset)
+    return x[idx].to(runtime.device), y[idx].to(runtime.device)
 
 
 def epoch_indices(n: int, seed: int, epoch: int, rank: int, world_size: int) -> torch.Tensor:
@@ -193,9 +200,15 @@ def eval_shard(n: int, rank: int, world_size: int) -> slice:
     return slice(n * rank // world_size, n * (rank + 1) // world_size)
 
 
+def step_seed(seed: int, epoch: int, step: int, rank: int, stream: int = 0) -> int:
+    """A seed that is a pure function of a step's position (ints hash the same in every process), so resumes
+    replay it exactly; stream tells apart the draws of one step (0: crop and flip, 1: MixUp / CutMix)."""
+    return hash((seed, epoch, step, rank, stream) if stream else (seed, epoch, step, rank)) & (2**63 - 1)
+
+
 def step_generator(seed: int, epoch: int, step: int, rank: int, device: torch.device) -> torch.Generator:
-    """The augmentation RNG of one step: a pure function of its position, so resumes replay it exactly."""
-    return torch.Generator(device).manual_seed(hash((seed, epoch, step, rank)) & (2**63 - 1))
+    """The augmentation RNG of one step, on the device."""
+    return torch.Generator(device).manual_seed(step_seed(seed, epoch, step, rank))
 
 
 def augment(x: torch.Tensor, g: torch.Generator, cutout: int = 0) -> torch.Tensor:

@@ -44,14 +44,21 @@ class Scores:
 @torch.no_grad()
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, runtime: Runtime, *,
              batch_size: int, num_classes: int = 10, channels_last: bool = False,
-             autocast_dtype: torch.dtype | None = None, normalize_inputs: bool = True) -> Scores | None:
+             autocast_dtype: torch.dtype | None = None, normalize_inputs: bool = True,
+             tta: str = "none") -> Scores | None:
     """Score this rank's contiguous block of the set, then all-reduce loss sum and confusion counts.
 
     normalize_inputs=False passes the uint8 images as they are (models with their own normalisation).
+    tta="flip" scores the mean of the logits of each image and of its horizontal mirror.
     Returns None for an empty set. Every rank must call it (it is a collective).
     """
     if len(labels) == 0:
         return None
+    if runtime.world_size > 1:
+        # BatchNorm statistics drift apart per rank in training (each rank updates them from its own batches):
+        # every rank scores with rank 0's, the ones its checkpoint holds
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
     was_training = model.training
     model.eval()
     shard = eval_shard(len(labels), runtime.rank, runtime.world_size)
@@ -63,8 +70,10 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, runti
         x = normalize(x, channels_last) if normalize_inputs else x
         y = y_all[start:start + batch_size]
         with torch.autocast(runtime.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
+            logits = model(x).float()
+            if tta == "flip":
+                logits = (logits + model(x.flip(3)).float()) / 2
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
         confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes**2)
     dist.all_reduce(loss_sum)
     dist.all_reduce(confusion)
@@ -83,7 +92,7 @@ def load_model(source: str, runtime: Runtime, tracking_uri: str = "") -> tuple[n
         state = checkpoint.load(source)
         m = state["config"]["model"]
         model = senet(m["depth"], width=m["width"], reduction=m["reduction"])
-        model.load_state_dict(state["model"])
+        model.load_state_dict(checkpoint.weights(state))  # the EMA's when the run kept one
         return model.to(runtime.device), False
     box = [None]
     if runtime.is_main:
@@ -103,7 +112,8 @@ def load_model(source: str, runtime: Runtime, tracking_uri: str = "") -> tuple[n
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m job.evaluate --model MODEL [--config FILE] [data.root=...]`: test-set accuracy, per class."""
+    """`python -m job.evaluate --model MODEL [--config FILE] [data.root=...] [train.tta=flip]`: test-set accuracy,
+    per class."""
     parser = argparse.ArgumentParser(prog="python -m job.evaluate", description=main.__doc__)
     parser.add_argument("--model", required=True, help="models:/NAME@champion, runs:/ID/model, or a checkpoint")
     parser.add_argument("--config", help="YAML file (its data and train.device settings are used)")
@@ -116,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         model, takes_uint8 = load_model(args.model, runtime, cfg.mlflow.tracking_uri)
         images, labels = data.load_test(cfg.data, runtime)
         scores = evaluate(model, images, labels, runtime, batch_size=cfg.train.eval_batch_size,
-                          normalize_inputs=not takes_uint8)
+                          normalize_inputs=not takes_uint8, tta=cfg.train.tta)
     except (ConfigError, DataError, CheckpointError, distributed.LaunchError) as e:
         cli.error(str(e))
         return 1

@@ -6,7 +6,6 @@ is usable as is. It is saved in the pickle format with the `senet` package as co
 plain nn.Module (eval(), state_dict()) wherever torch and mlflow are installed.
 """
 
-import copy
 from pathlib import Path
 
 import torch
@@ -19,17 +18,19 @@ from job.data import MEAN, STD
 CHAMPION, CHALLENGER = "champion", "challenger"
 
 
-def servable(model: nn.Module) -> nn.Sequential:
+def servable(weights: dict, cfg: Config) -> nn.Sequential:
     """A CPU copy of the trained network behind its input normalisation, in eval mode."""
-    return nn.Sequential(senet.Normalize(MEAN, STD), copy.deepcopy(model)).cpu().float().eval()
+    model = senet.senet(cfg.model.depth, width=cfg.model.width, reduction=cfg.model.reduction)
+    model.load_state_dict(weights)  # a plain SENet, whatever wrapped it in training (SyncBatchNorm, compile)
+    return nn.Sequential(senet.Normalize(MEAN, STD), model).eval()
 
 
-def log_and_register(mlflow, model: nn.Module, example: torch.Tensor, *, cfg: Config, run_id: str,
+def log_and_register(mlflow, weights: dict, example: torch.Tensor, *, cfg: Config, run_id: str,
                      val_acc: float | None, test_acc: float, tags: dict[str, str]) -> str:
     """Log, register and gate; returns the one line that says what happened and why."""
     from mlflow.models import infer_signature
 
-    wrapped = servable(model)
+    wrapped = servable(weights, cfg)
     example = example[:4].cpu()
     with torch.no_grad():
         output = wrapped(example)

@@ -225,15 +225,15 @@ class Tracker:
             time.sleep(2)
         return True
 
-    def register(self, model: torch.nn.Module, example: torch.Tensor, val_acc: float | None,
-                 test_acc: float) -> None:
-        """Log the model to the run, register it, and move @champion or @challenger (job/registry.py)."""
+    def register(self, weights: dict, example: torch.Tensor, val_acc: float | None, test_acc: float) -> None:
+        """Log the model (best.pt's weights to predict with) to the run, register it, and move @champion or
+        @challenger (job/registry.py)."""
         if not (self.active and self.mlflow and not self.pending):
             return
         from job import registry
 
         try:
-            line = registry.log_and_register(self.mlflow, model, example, cfg=self.cfg, run_id=self.run_id,
+            line = registry.log_and_register(self.mlflow, weights, example, cfg=self.cfg, run_id=self.run_id,
                                              val_acc=val_acc, test_acc=test_acc,
                                              tags={"git_commit": (git_commit() or ("unknown",))[0],
                                                    "config_hash": config_hash(self.cfg)})

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.elastic.multiprocessing.errors import record
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from job import checkpoint, cli, config, data, distributed, host
@@ -25,7 +26,7 @@ from job.config import Config, ConfigError
 from job.data import DataError, Splits
 from job.distributed import LaunchError, Runtime
 from job.evaluate import Scores, evaluate
-from job.loop import Parts, TrainState, autocast_dtype, train_one_epoch
+from job.loop import Parts, TrainState, autocast_dtype, make_ema, train_one_epoch
 from job.optim import build_optimizer, build_scheduler
 from job.preemption import PREEMPTED_EXIT_CODE, Preempted, StopSignal
 from job.tracking import Tracker, TrackingError
@@ -65,33 +66,47 @@ def steps_per_epoch(cfg: Config, runtime: Runtime, train_images: int) -> int:
     return steps
 
 
-def build(cfg: Config, runtime: Runtime, steps: int, saved: dict | None) -> Parts:
-    """Model, optimizer, scheduler and scaler (loaded from saved when resuming), then DDP and compile."""
+def use_sync_bn(setting: str | bool, per_rank_batch: int, runtime: Runtime) -> bool:
+    """train.sync_bn: auto turns SyncBatchNorm on where it matters (several CUDA ranks, under 32 images each)."""
+    if setting == "auto":
+        return runtime.device.type == "cuda" and runtime.world_size > 1 and per_rank_batch < 32
+    if setting and runtime.device.type != "cuda":
+        raise ConfigError("train.sync_bn=true needs CUDA: PyTorch's SyncBatchNorm has no CPU implementation "
+                          "(use auto or false)")
+    return bool(setting)
+
+
+def build(cfg: Config, runtime: Runtime, steps: int, saved: dict | None, resume_path: Path | None) -> Parts:
+    """Model, EMA, optimizer, scheduler and scaler (loaded from saved when resuming), then DDP and compile."""
     t = cfg.train
     torch.manual_seed(t.seed)
     model = senet(cfg.model.depth, width=cfg.model.width, reduction=cfg.model.reduction).to(runtime.device)
+    if use_sync_bn(t.sync_bn, t.batch_size // runtime.world_size, runtime):
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameter and buffer names
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, t)
-    scheduler = build_scheduler(optimizer, t, steps)
-    scaler = torch.amp.GradScaler(runtime.device.type, enabled=t.precision == "fp16")
+    parts = Parts(model, model, model, optimizer, build_scheduler(optimizer, t, steps),
+                  torch.amp.GradScaler(runtime.device.type, enabled=t.precision == "fp16"),
+                  ema=make_ema(model, t.ema_decay) if t.ema_decay else None)
     if saved:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        scaler.load_state_dict(saved["scaler"])
+        if ("ema" in saved) != (parts.ema is not None):
+            was = saved["config"]["train"].get("ema_decay", 0.0)
+            raise CheckpointError(f"checkpoint {resume_path} was trained with train.ema_decay={was}: resume it "
+                                  f"with the same (this launch has {t.ema_decay})")
+        parts.load_state_dict(saved)
         torch.set_rng_state(saved["rng"]["torch"])
-    train_model = model
     if runtime.world_size > 1:
         # static_graph: every parameter is used in every step, the graph never changes
-        train_model = DistributedDataParallel(model, device_ids=[runtime.device] if runtime.device.type == "cuda"
-                                              else None, gradient_as_bucket_view=True, static_graph=True,
-                                              bucket_cap_mb=t.bucket_mb)
+        parts.train_model = DistributedDataParallel(
+            model, device_ids=[runtime.device] if runtime.device.type == "cuda" else None,
+            gradient_as_bucket_view=True, static_graph=True, bucket_cap_mb=t.bucket_mb)
         if t.grad_compression == "bf16":
-            train_model.register_comm_hook(None, default_hooks.bf16_compress_hook)
+            parts.train_model.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    parts.eval_model = parts.ema.module if parts.ema is not None else model
     if t.compile:
-        return Parts(model, torch.compile(train_model), torch.compile(model), optimizer, scheduler, scaler)
-    return Parts(model, train_model, model, optimizer, scheduler, scaler)
+        parts.train_model, parts.eval_model = torch.compile(parts.train_model), torch.compile(parts.eval_model)
+    return parts
 
 
 class StepEnd:
@@ -113,10 +128,11 @@ class StepEnd:
 
 
 def score(parts: Parts, images: torch.Tensor, labels: torch.Tensor, cfg: Config, runtime: Runtime) -> Scores | None:
-    """Validation or test scores of the current weights, every image once across the ranks."""
+    """Validation or test scores of the evaluated weights (the EMA's when on), every image once across the ranks."""
     t = cfg.train
     return evaluate(parts.eval_model, images, labels, runtime, batch_size=t.eval_batch_size,
-                    channels_last=t.channels_last, autocast_dtype=autocast_dtype(t.precision, runtime.device))
+                    channels_last=t.channels_last, autocast_dtype=autocast_dtype(t.precision, runtime.device),
+                    tta=t.tta)
 
 
 def train_epochs(parts: Parts, splits: Splits, cfg: Config, runtime: Runtime, state: TrainState, tracker: Tracker,
@@ -152,12 +168,13 @@ def finish(parts: Parts, splits: Splits, cfg: Config, runtime: Runtime, state: T
            checkpoints: Checkpointer) -> None:
     """Score the best model on the test set once, log the final record, register the model."""
     dist.barrier()  # best.pt is complete before any rank reads it
-    parts.model.load_state_dict(checkpoint.load(checkpoints.best)["model"])
+    best = checkpoint.load(checkpoints.best)
+    (parts.ema.module if parts.ema is not None else parts.model).load_state_dict(checkpoint.weights(best))
     test = score(parts, splits.test_x, splits.test_y, cfg, runtime)
     tracker.log_final({"test_acc": test.accuracy, "test_loss": test.loss, "best_epoch": state.best_epoch,
                        "best_val_acc": state.best_val_acc, "test_images": test.count},
                       state.history, test.confusion, checkpoints.best)
-    tracker.register(parts.model, splits.test_x[:4], val_acc=state.best_val_acc, test_acc=test.accuracy)
+    tracker.register(checkpoint.weights(best), splits.test_x[:4], val_acc=state.best_val_acc, test_acc=test.accuracy)
 
 
 def run(cfg: Config, runtime: Runtime, config_path: str | None) -> None:
@@ -181,7 +198,7 @@ def run(cfg: Config, runtime: Runtime, config_path: str | None) -> None:
                  f"({distributed.layout(runtime)})  backend {runtime.backend}  device {runtime.device}  "
                  f"config {config_path or '(defaults)'}  out_dir {t.out_dir}"
                  + (f"  resuming {resume_path} at epoch {state.epoch + 1} step {state.step}" if saved else ""))
-    parts = build(cfg, runtime, steps, saved)
+    parts = build(cfg, runtime, steps, saved, resume_path)
     checkpoints = Checkpointer(t.out_dir, runtime, cfg.to_dict())
     stop = StopSignal(t.stop_signals, runtime.backend)
 

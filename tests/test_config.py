@@ -61,7 +61,7 @@ CHOICES = [(f"{section.name}.{f.name}", typing.get_args(f.type))
 
 def test_the_choice_fields_are_literals():
     assert {key for key, _ in CHOICES} == {"model.depth", "data.source", "train.schedule", "train.precision",
-                                          "train.grad_compression", "train.device"}
+                                          "train.grad_compression", "train.device", "train.tta", "train.sync_bn"}
 
 
 @pytest.mark.parametrize("key,options", CHOICES, ids=[key for key, _ in CHOICES])
@@ -69,7 +69,8 @@ def test_choices_come_from_the_literal(key, options):
     section, name = key.split(".")
     for option in options:
         assert getattr(getattr(config.load(None, [f"{key}={option}"]), section), name) == option
-    listed = ", ".join(map(str, options[:-1])) + f" or {options[-1]}"
+    names = [str(o).lower() if isinstance(o, bool) else str(o) for o in options]  # as YAML writes true/false
+    listed = ", ".join(names[:-1]) + f" or {names[-1]}"
     with pytest.raises(ConfigError) as e:
         config.load(None, [f"{key}=nope"])
     assert str(e.value) == f"{key} must be {listed}, got 'nope'"

@@ -5,9 +5,10 @@ import time
 
 import pytest
 import torch
+import yaml
 
 from tests import slurm_cluster
-from tests.conftest import ROOT, TINY, job_env, read_metrics, train_state, wait_until
+from tests.conftest import ROOT, TINY, job_env, read_metrics, run_job, train_state, wait_until
 
 pytestmark = pytest.mark.skipif(slurm_cluster.available() is not None, reason=str(slurm_cluster.available()))
 
@@ -76,3 +77,34 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tmp_path):
     assert "restart 1" in log and f"at epoch {stopped['epoch'] + 1} step {stopped['step']}" in log
     records = [json.loads(x) for x in metrics.read_text().splitlines()]
     assert [r.get("epoch") for r in records] == [0, 1, 2, 3, 4, 5, None]
+
+
+def test_an_array_trains_one_seed_per_task_and_the_report_groups_them(cluster, mlflow_server, tmp_path):
+    base = tmp_path / "seeds"
+    env = {**job_env(), "SLURM_CONF": str(cluster.conf), "SENET_OUT_DIR": str(base)}
+    tracked = [a for a in TINY if not a.startswith("mlflow.")]
+    args = [*tracked, "train.epochs=2", f"mlflow.tracking_uri={mlflow_server.uri}", "mlflow.experiment=array",
+            "mlflow.registered_model=array"]
+    job = cluster.run("sbatch", "--array=0-2", "--nodes=1", f"--chdir={tmp_path}",
+                      str(ROOT / "slurm" / "train.sbatch"), *args, env=env).stdout.split()[-1]
+    for task in range(3):
+        state = wait_state(cluster, f"{job}_{task}", {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"})
+        assert state == "COMPLETED", "".join(p.read_text()[-3000:] for p in tmp_path.glob("senet-*.out"))
+    for seed in range(3):
+        out = base / f"seed-{seed}"
+        assert yaml.safe_load((out / "config.yaml").read_text())["train"]["seed"] == seed
+        assert read_metrics(out)[-1]["test_acc"] > 0.5
+    report = run_job(["--experiment", "array", "--tracking-uri", mlflow_server.uri, "--format", "json"],
+                     module="job.report")
+    assert report.returncode == 0, report.stderr
+    (row,) = json.loads(report.stdout)  # one recipe: the seeds and out_dirs do not make another
+    assert row["runs"] == 3 and row["seeds"] == [0, 1, 2] and row["test_acc_std"] is not None
+
+
+def test_an_array_refuses_a_seed_or_out_dir_of_its_own(cluster, tmp_path):
+    env = {**job_env(), "SLURM_CONF": str(cluster.conf)}
+    job = cluster.run("sbatch", "--array=0", "--nodes=1", f"--chdir={tmp_path}", str(ROOT / "slurm" / "train.sbatch"),
+                      *TINY, "train.seed=5", env=env).stdout.split()[-1]
+    assert wait_state(cluster, f"{job}_0", {"COMPLETED", "FAILED", "CANCELLED"}, timeout=60) == "FAILED"
+    (log,) = tmp_path.glob("senet-*.out")
+    assert "senet.sbatch: error: in an array job each task gets train.seed=<task id>" in log.read_text()

@@ -249,3 +249,13 @@ def test_the_data_folder_is_torchvisions():
     from job import data
 
     assert data.FOLDER == CIFAR10.base_folder  # job.data names it without importing torchvision
+
+
+def test_subsets_are_a_fixed_random_pick_not_the_first_images():
+    from job.data import _subset
+
+    labels = torch.arange(10).repeat_interleave(1000)  # a test file sorted by class, as the dev split's is
+    picked = _subset(len(labels), 2000)
+    counts = torch.bincount(labels[picked], minlength=10)
+    assert counts.min() > 150 and counts.max() < 250  # every class, about equally
+    assert torch.equal(picked, _subset(len(labels), 2000)) and torch.equal(_subset(5, None), torch.arange(5))
