@@ -103,6 +103,7 @@ def diagnose_timeout(error: Exception, timeout_s: int, probe_s: int = 10) -> Exc
     """
     if "timed out" not in str(error).lower() or _health_group is None:
         return error
+    probe_s = min(probe_s, timeout_s)  # no longer than a collective itself may take
     try:
         dist.monitored_barrier(group=_health_group, timeout=datetime.timedelta(seconds=probe_s), wait_all_ranks=True)
         missing = "every rank answered a probe afterwards, so one was only slow"

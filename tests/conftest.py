@@ -74,6 +74,18 @@ def tiny() -> list[str]:
     return list(TINY)
 
 
+# Files whose tests share the session's `straight` run go to one worker, so it runs once.
+SHARE_STRAIGHT = {"tests.test_train", "tests.test_preemption"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """pytest-xdist (--dist loadgroup) keeps each file on one worker, module fixtures (the Slurm cluster, the MLflow
+    server) single, and the users of `straight` together."""
+    for item in items:
+        module = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group("straight" if module in SHARE_STRAIGHT else module))
+
+
 @pytest.fixture(scope="session")
 def straight(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """(out_dir, result) of one uninterrupted 2-rank run of COMMON, shared by every test that reads or

@@ -5,8 +5,8 @@ import statistics
 
 import pytest
 
-from job.report import recipe_of, summarize
-from tests.conftest import TINY, run_job
+from job.report import recipe_of, summarize, table
+from tests.conftest import run_job
 
 
 def run(seed: int, acc: float, **params: str) -> dict:
@@ -39,23 +39,41 @@ def test_a_single_run_has_no_spread():
     assert row["test_acc_std"] is None and row["differs_in"] == {}
 
 
+def test_table_has_one_line_per_recipe():
+    lines = table(summarize([run(0, 0.90), run(1, 0.92), run(0, 0.95, **{"train.epochs": "30"})])).splitlines()
+    assert lines[0].startswith("recipe") and len(lines) == 3
+    assert lines[1].split()[1:5] == ["1", "0.9500", "±", "-"] and lines[1].endswith("train.epochs=30")
+    assert lines[2].split()[1:5] == ["2", "0.9100", "±", "0.0141"]
+
+
 def test_report_reads_a_real_store_end_to_end(tmp_path):
+    """Runs logged as job.train logs them (params, per-epoch metrics, test_acc), into a real sqlite store; the
+    live Slurm array test (test_slurm.py) reports on runs that the job itself logged."""
+    import mlflow
+
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracked = [a for a in TINY if not a.startswith("mlflow.")]
-    for seed in (0, 1):
-        result = run_job([*tracked, "train.epochs=1", f"train.seed={seed}", f"train.out_dir={tmp_path / str(seed)}",
-                          f"mlflow.tracking_uri={store}", "mlflow.experiment=seeds", "mlflow.registered_model=r"])
-        assert result.returncode == 0, result.stderr[-3000:]
+    client = mlflow.MlflowClient(tracking_uri=store)
+    experiment = client.create_experiment("seeds", artifact_location=str(tmp_path / "artifacts"))
+    for seed, acc in ((0, 0.90), (1, 0.92)):
+        run_id = client.create_run(experiment).info.run_id
+        for key, value in run(seed, acc)["params"].items():
+            client.log_param(run_id, key, value)
+        for epoch, val in enumerate((0.5, 0.8, acc)):
+            client.log_metric(run_id, "val_acc", val, step=epoch)
+            client.log_metric(run_id, "epoch_time_s", 10.0 + epoch, step=epoch)
+        client.log_metric(run_id, "test_acc", acc)
+        client.set_terminated(run_id, "FINISHED")
+    unfinished = client.create_run(experiment).info.run_id  # still RUNNING: not counted
+    client.log_metric(unfinished, "test_acc", 0.1)
+
     png = tmp_path / "curves.png"
     result = run_job(["--experiment", "seeds", "--tracking-uri", store, "--format", "json", "--plot", str(png)],
                      module="job.report")
     assert result.returncode == 0, result.stderr
     (row,) = json.loads(result.stdout)
-    assert row["runs"] == 2 and row["seeds"] == [0, 1] and 0 <= row["test_acc_min"] <= row["test_acc_max"] <= 1
-    assert row["val_acc_curves"] and all(len(c) == 1 for c in row["val_acc_curves"])  # one epoch each
+    assert row["runs"] == 2 and row["seeds"] == [0, 1] and row["test_acc_mean"] == pytest.approx(0.91)
+    assert row["epoch_time_s_median"] == 11.0 and sorted(row["val_acc_curves"]) == [[0.5, 0.8, 0.9], [0.5, 0.8, 0.92]]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    text = run_job(["--experiment", "seeds", "--tracking-uri", store], module="job.report")
-    assert text.stdout.splitlines()[1].split()[:2] == [row["recipe"], "2"]
 
     missing = run_job(["--experiment", "nope", "--tracking-uri", store], module="job.report")
     assert missing.returncode == 1 and missing.stderr.strip() == (
