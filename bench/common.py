@@ -27,7 +27,7 @@ class Mode:
     compile: str | None = None
     """None (eager), 'default', or a torch.compile mode such as 'max-autotune-no-cudagraphs'."""
     optimizer: str = "default"
-    """SGD implementation: default (PyTorch's choice), foreach or fused."""
+    """SGD implementation: default (job.optim's, which is fused), foreach or fused."""
     malloc_cache: bool = False
     """glibc keeps freed memory for reuse instead of unmapping it (job.host.keep_freed_memory)."""
 

@@ -1,6 +1,7 @@
 """The training loop's pieces: where training stands (TrainState), what is trained (Parts), one step, one epoch."""
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -13,6 +14,7 @@ from job import data
 from job.config import Config
 from job.data import Splits
 from job.distributed import Runtime
+from job.tracking import Tracker
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -144,7 +146,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch
 
 
 def train_one_epoch(parts: Parts, splits: Splits, cfg: Config, runtime: Runtime, state: TrainState,
-                    tracker, on_step) -> dict:
+                    tracker: Tracker, on_step: Callable[[TrainState, int, int, torch.Tensor], None]) -> dict:
     """This rank's shard of epoch state.epoch from step state.step; loss and accuracy over all ranks.
 
     on_step(state, step, steps, sums) runs after every optimizer step: the stop-signal check and step

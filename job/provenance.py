@@ -11,15 +11,15 @@ import torch
 from job.config import Config
 from job.distributed import Runtime
 
-# settings that say where outputs go or how a launch is chunked, not what is trained
-_NOT_RECIPE = ("out_dir", "resume", "stop_after_epochs", "stop_signals", "timeout_s", "checkpoint_every_steps",
+# train.* settings that say where outputs go or how a launch is chunked, not what is trained
+NOT_RECIPE = ("out_dir", "resume", "stop_after_epochs", "stop_signals", "timeout_s", "checkpoint_every_steps",
                "step_times", "threads")
 
 
 def config_hash(cfg: Config) -> str:
     """Short hash of the settings that shape the model and its training (not where outputs go)."""
     tree = cfg.to_dict()
-    tree["train"] = {k: v for k, v in tree["train"].items() if k not in _NOT_RECIPE}
+    tree["train"] = {k: v for k, v in tree["train"].items() if k not in NOT_RECIPE}
     tree.pop("mlflow")
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:12]
 

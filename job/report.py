@@ -14,12 +14,11 @@ import statistics
 import sys
 from pathlib import Path
 
-from job import cli
+from job import cli, provenance
 from job.config import MlflowConfig
 
 # params that say where outputs go, how a launch is chunked or which seed it is: not part of the recipe
-NOT_RECIPE = ("train.seed", "train.out_dir", "train.resume", "train.stop_after_epochs", "train.stop_signals",
-              "train.timeout_s", "train.checkpoint_every_steps", "train.step_times", "train.threads")
+NOT_RECIPE = ("train.seed", *(f"train.{key}" for key in provenance.NOT_RECIPE))
 
 
 def recipe_of(params: dict[str, str]) -> tuple[str, dict[str, str]]:

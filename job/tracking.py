@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from job import cli
 from job.cli import first_line
 from job.clock import StepClock
 from job.config import Config, redact
@@ -74,7 +75,7 @@ class Tracker:
     def warn(self, message: str) -> None:
         """A warning line on stderr from rank 0."""
         if self.active:
-            print(f"warning: {message}", file=sys.stderr, flush=True)
+            cli.warning(message)
 
     def progress(self, iterable, total: int, desc: str):
         """A tqdm bar around iterable on rank 0 when stdout is a terminal; the iterable itself otherwise."""
@@ -137,7 +138,9 @@ class Tracker:
             client.search_experiments(max_results=1)
         except Exception as e:
             raise TrackingError(f"MLflow tracking URI {redact(uri)} cannot be used: {first_line(e)}") from None
-        mlflow.set_experiment(self.cfg.mlflow.experiment)
+        # its id, passed on explicitly: when two jobs create the experiment at once, MLflow's set_experiment
+        # returns it from the losing side without making it active, and start_run would use "Default"
+        experiment = mlflow.set_experiment(self.cfg.mlflow.experiment)
         if run_id is not None:
             try:
                 client.get_run(run_id)
@@ -145,8 +148,8 @@ class Tracker:
                 self.warn(f"MLflow run {run_id} of the checkpoint is not at {redact(uri)}; starting a new run")
                 run_id = None
         system_metrics = _has_module("psutil")
-        run = mlflow.start_run(run_id=run_id, run_name=self.cfg.mlflow.run_name or None,
-                               log_system_metrics=system_metrics)
+        run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment.experiment_id,
+                               run_name=self.cfg.mlflow.run_name or None, log_system_metrics=system_metrics)
         self.mlflow, self.run_id = mlflow, run.info.run_id
         if run_id is None:
             mlflow.log_params(flatten(self.cfg.to_dict()))

@@ -147,14 +147,14 @@ def train_epochs(parts: Parts, splits: Splits, cfg: Config, runtime: Runtime, st
         stats = train_one_epoch(parts, splits, cfg, runtime, state, tracker, on_step)
         train_s = time.perf_counter() - tic
         val = score(parts, splits.val_x, splits.val_y, cfg, runtime)
-        record = {"epoch": epoch, "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
+        metrics = {"epoch": epoch, "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
                   "val_loss": val.loss if val else None, "val_acc": val.accuracy if val else None,
                   "lr": parts.scheduler.get_last_lr()[0], "images_per_sec": stats["images"] / train_s,
                   "epoch_time_s": time.perf_counter() - tic}
-        best = state.end_epoch(record)
+        best = state.end_epoch(metrics)
         checkpoints.save(parts, state, best=best)  # before logging: the checkpoint is what a resume trusts
         per_epoch = (time.perf_counter() - started) / (epoch + 1 - first)
-        tracker.log_epoch(record, t.epochs, eta_s=per_epoch * (t.epochs - epoch - 1))
+        tracker.log_epoch(metrics, t.epochs, eta_s=per_epoch * (t.epochs - epoch - 1))
         if stop.requested():
             raise Preempted(f"{stop.received or 'a stop signal on another rank'} at the end of epoch {epoch + 1}")
     if end < t.epochs:

@@ -56,6 +56,13 @@ class SlurmCluster:
                         f"--pid-file={r / 'munge' / 'munged.pid'}", f"--log-file={r / 'log' / 'munged.log'}",
                         f"--seed-file={r / 'munge' / 'munged.seed'}"], check=True, env=self.env)
         ctld_port, *node_ports = _free_ports(1 + len(self.nodes))
+        # Both fake nodes share 127.0.0.1, so torchrun's c10d heuristic (a loopback endpoint is "mine") makes
+        # every node's agent try to host the rendezvous store; on a real cluster only the head node owns the
+        # head's address. A task prolog says which one is the head, as the real addresses would.
+        prolog = r / "task_prolog.sh"
+        prolog.write_text('#!/bin/sh\n[ "$SLURM_NODEID" = 0 ] && echo "export PET_RDZV_CONF=is_host=1" '
+                          '|| echo "export PET_RDZV_CONF=is_host=0"\n')
+        prolog.chmod(0o755)
         host = socket.gethostname()
         lines = [
             "ClusterName=senetci", f"SlurmctldHost={host}(127.0.0.1)", f"SlurmctldPort={ctld_port}",
@@ -68,6 +75,7 @@ class SlurmCluster:
             "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
             "JobCompType=jobcomp/none", "ReturnToService=2", "SlurmctldTimeout=30", "SlurmdTimeout=30",
             "InactiveLimit=0", "KillWait=30", "MinJobAge=600", "SchedulerParameters=sched_interval=1",
+            f"TaskProlog={prolog}",
         ]
         for name, port in zip(self.nodes, node_ports):
             lines.append(f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} "

@@ -27,6 +27,7 @@ from job.data import DataError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fakecifar  # noqa: E402
+from tests.conftest import job_env, run_job  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 N_PER_BATCH, N_TEST = 100, 100  # 500 training images, 100 test images
@@ -36,16 +37,14 @@ TIMEOUT = 180
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", NO_PROXY="127.0.0.1,localhost",
-               no_proxy="127.0.0.1,localhost")
-    return env
+    """The job's test environment, with the local download server reached directly, never through a proxy."""
+    env = {k: v for k, v in job_env().items() if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
+    return {**env, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
 
 
-def run_module(*args: str, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """`python [launcher] -m args...` from the repository root, output captured."""
-    return subprocess.run([sys.executable, *launcher, "-m", *args], cwd=REPO, env=_env(), capture_output=True,
-                          text=True, timeout=TIMEOUT)
+def run_module(module: str, *args: str, nproc: int = 0) -> subprocess.CompletedProcess:
+    """`python -m module args...` (or under torchrun with nproc ranks) from the repository root, output captured."""
+    return run_job(list(args), nproc=nproc, env=_env(), module=module, timeout=TIMEOUT)
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -331,7 +330,7 @@ def test_torchrun_two_ranks_download_once_and_train(server, tmp_path):
     result = run_module("job.train", "data.download=true", f"data.url={server['url']}",
                         f"data.md5={server['md5']}", "data.verify=false", f"data.root={tmp_path / 'dl'}",
                         f"train.out_dir={out}", "train.timeout_s=120", *TINY,
-                        launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+                        nproc=2)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]  # torchrun: every rank exited 0
     assert "world_size 2" in result.stdout
     assert len(server["requests"]) == per_download  # local rank 0 alone downloaded

@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from tests import slurm_cluster
-from tests.conftest import ROOT, TINY, job_env, read_metrics, run_job, train_state, wait_until
+from tests.conftest import ROOT, TINY, free_port, job_env, read_metrics, run_job, train_state, wait_until
 
 pytestmark = pytest.mark.skipif(slurm_cluster.available() is not None, reason=str(slurm_cluster.available()))
 
@@ -21,7 +21,8 @@ def cluster(tmp_path_factory):
 
 
 def submit(cluster, workdir, *overrides: str) -> str:
-    env = {**job_env(), "SLURM_CONF": str(cluster.conf)}
+    # a free rendezvous port: job ids restart at 1 in every test cluster, and so would the default port
+    env = {**job_env(), "SLURM_CONF": str(cluster.conf), "MASTER_PORT": str(free_port())}
     result = cluster.run("sbatch", "--nodes=2", f"--chdir={workdir}", str(ROOT / "slurm" / "train.sbatch"),
                          *overrides, env=env)
     return result.stdout.split()[-1]

@@ -259,3 +259,30 @@ def test_subsets_are_a_fixed_random_pick_not_the_first_images():
     counts = torch.bincount(labels[picked], minlength=10)
     assert counts.min() > 150 and counts.max() < 250  # every class, about equally
     assert torch.equal(picked, _subset(len(labels), 2000)) and torch.equal(_subset(5, None), torch.arange(5))
+
+
+def test_a_run_lands_in_its_experiment_when_another_job_created_it_at_the_same_moment(tmp_path, monkeypatch):
+    """MLflow's set_experiment, losing the race to create an experiment, returns it without making it active;
+    Tracker passes its id to start_run, so the run does not land in "Default" (seen with a Slurm array)."""
+    import mlflow
+    from mlflow.tracking import _tracking_service
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.MlflowClient(tracking_uri=store).create_experiment("raced", artifact_location=str(tmp_path / "a"))
+    lookup = _tracking_service.client.TrackingServiceClient.get_experiment_by_name
+    calls = []
+
+    def not_yet_then_found(self, name):  # the other job creates it between our lookup and our create
+        calls.append(name)
+        return None if len(calls) == 1 else lookup(self, name)
+    monkeypatch.setattr(_tracking_service.client.TrackingServiceClient, "get_experiment_by_name", not_yet_then_found)
+    cfg = Config()
+    cfg.train.out_dir, cfg.mlflow.tracking_uri, cfg.mlflow.experiment = str(tmp_path), store, "raced"
+    tracker = Tracker(cfg, CPU)
+    try:
+        tracker._open_mlflow([], None)
+        run = mlflow.get_run(tracker.run_id)
+    finally:
+        mlflow.end_run()
+    assert len(calls) >= 2  # the race was taken
+    assert run.info.experiment_id == mlflow.MlflowClient(tracking_uri=store).get_experiment_by_name("raced").experiment_id
