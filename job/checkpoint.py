@@ -129,3 +129,13 @@ def check_model(state: dict, model_config: dict, path: Path) -> None:
     diff = [f"{k}={saved.get(k)} (config says {v})" for k, v in model_config.items() if saved.get(k) != v]
     if diff:
         raise CheckpointError(f"checkpoint {path} is for another model: " + ", ".join(diff))
+
+
+def check_compatible(state: dict, cfg, path: Path) -> None:
+    """Before any work: the checkpoint holds the model this config builds, and EMA weights exactly when it
+    keeps an EMA (resuming across that would lose them or start from nothing)."""
+    check_model(state, cfg.to_dict()["model"], path)
+    if ("ema" in state) != bool(cfg.train.ema_decay):
+        was = state["config"]["train"].get("ema_decay", 0.0)
+        raise CheckpointError(f"checkpoint {path} was trained with train.ema_decay={was}: resume it with the same "
+                              f"(this launch has {cfg.train.ema_decay})")

@@ -76,7 +76,7 @@ def use_sync_bn(setting: str | bool, per_rank_batch: int, runtime: Runtime) -> b
     return bool(setting)
 
 
-def build(cfg: Config, runtime: Runtime, steps: int, saved: dict | None, resume_path: Path | None) -> Parts:
+def build(cfg: Config, runtime: Runtime, steps: int, saved: dict | None) -> Parts:
     """Model, EMA, optimizer, scheduler and scaler (loaded from saved when resuming), then DDP and compile."""
     t = cfg.train
     torch.manual_seed(t.seed)
@@ -90,10 +90,6 @@ def build(cfg: Config, runtime: Runtime, steps: int, saved: dict | None, resume_
                   torch.amp.GradScaler(runtime.device.type, enabled=t.precision == "fp16"),
                   ema=make_ema(model, t.ema_decay) if t.ema_decay else None)
     if saved:
-        if ("ema" in saved) != (parts.ema is not None):
-            was = saved["config"]["train"].get("ema_decay", 0.0)
-            raise CheckpointError(f"checkpoint {resume_path} was trained with train.ema_decay={was}: resume it "
-                                  f"with the same (this launch has {t.ema_decay})")
         parts.load_state_dict(saved)
         torch.set_rng_state(saved["rng"]["torch"])
     if runtime.world_size > 1:
@@ -182,10 +178,11 @@ def run(cfg: Config, runtime: Runtime, config_path: str | None) -> None:
     t = cfg.train
     if t.batch_size % runtime.world_size:  # before any data is read
         raise ConfigError(f"train.batch_size {t.batch_size} is not divisible by the world size {runtime.world_size}")
+    use_sync_bn(t.sync_bn, t.batch_size // runtime.world_size, runtime)  # refuses true on the CPU, now
     found = checkpoint.resume_from(t.resume, t.out_dir, warn=cli.warning)
     resume_path, saved = found if found else (None, None)
     if saved:
-        checkpoint.check_model(saved, cfg.to_dict()["model"], resume_path)
+        checkpoint.check_compatible(saved, cfg, resume_path)
     splits = data.load_splits(cfg.data, runtime)  # before out_dir: a launch that fails here changes nothing
     steps = steps_per_epoch(cfg, runtime, len(splits.train_y))
     prepare_out_dir(cfg, runtime)
@@ -198,7 +195,7 @@ def run(cfg: Config, runtime: Runtime, config_path: str | None) -> None:
                  f"({distributed.layout(runtime)})  backend {runtime.backend}  device {runtime.device}  "
                  f"config {config_path or '(defaults)'}  out_dir {t.out_dir}"
                  + (f"  resuming {resume_path} at epoch {state.epoch + 1} step {state.step}" if saved else ""))
-    parts = build(cfg, runtime, steps, saved, resume_path)
+    parts = build(cfg, runtime, steps, saved)
     checkpoints = Checkpointer(t.out_dir, runtime, cfg.to_dict())
     stop = StopSignal(t.stop_signals, runtime.backend)
 

@@ -144,7 +144,16 @@ def test_every_option_on_resumes_bit_for_bit_and_predicts_with_the_ema(tmp_path)
     assert checkpoint.weights(best) is best["ema"]["model"]
     assert not all(torch.equal(best["ema"]["model"][k], best["model"][k]) for k in best["model"])
 
+    config_before = (split / "config.yaml").read_text()
     refused = run_job([*COMMON, f"train.out_dir={split}", "train.epochs=4"])  # EMA off: its weights would be lost
     assert refused.returncode == 1
     assert refused.stderr.strip() == (f"error: checkpoint {split / 'checkpoints' / 'last.pt'} was trained with "
                                       f"train.ema_decay=0.9: resume it with the same (this launch has 0.0)")
+    assert (split / "config.yaml").read_text() == config_before  # refused before anything was written
+
+
+def test_sync_bn_true_on_the_cpu_fails_before_any_work(tmp_path):
+    result = run_job([*COMMON, "train.sync_bn=true", f"train.out_dir={tmp_path / 'out'}"])
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "error: train.sync_bn=true needs CUDA: PyTorch's SyncBatchNorm has no CPU implementation (use auto or false)")
+    assert not (tmp_path / "out").exists()
