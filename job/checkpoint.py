@@ -1,6 +1,7 @@
 """Checkpoints: written by rank 0 only, atomically (temp file, fsync, rename), read with weights_only=True."""
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -40,11 +41,7 @@ def save(state: dict, path: Path, keep_previous: bool = False) -> None:
         if keep_previous and path.exists():
             os.replace(path, previous(path))
         os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _sync_dir(path.parent)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous one is intact") from None
@@ -87,7 +84,34 @@ class Checkpointer:
                 "config": self.config, "world_size": self.world_size}
         save(ckpt, self.last, keep_previous=True)
         if best:
-            save(ckpt, self.best)
+            same_file(self.last, self.best)
+
+
+def same_file(source: Path, path: Path) -> None:
+    """Make path hold what source holds, atomically and without serialising again: a hard link (source is
+    later replaced by a rename, never rewritten in place, so path keeps these bytes), or a copy where the
+    filesystem has no links."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, path)
+        _sync_dir(path.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous one is intact") from None
+
+
+def _sync_dir(directory: Path) -> None:
+    """fsync a directory: makes the renames in it durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def resume_from(resume: str, out_dir: str, warn) -> tuple[Path, dict] | None:

@@ -1,6 +1,7 @@
 """The training loop's pieces: where training stands (TrainState), what is trained (Parts), one step, one epoch."""
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ from job.tracking import Tracker
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+@functools.cache
 def native_bf16_cpu() -> bool:
     """Whether this CPU does bf16 arithmetic in hardware (x86 AVX512-BF16 or AMX), as PyTorch's CPU backend sees it."""
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]

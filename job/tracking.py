@@ -20,7 +20,7 @@ from job.cli import first_line
 from job.clock import StepClock
 from job.config import Config, redact
 from job.distributed import Runtime, all_agree
-from job.provenance import config_hash, git_commit, run_tags
+from job.provenance import run_tags
 
 DEFAULT_STORE = "mlflow.db"
 
@@ -63,6 +63,7 @@ class Tracker:
         self.metrics_path = Path(cfg.train.out_dir) / "metrics.jsonl"
         self.mlflow = None  # the mlflow module, once a run is open
         self.run_id: str | None = None
+        self.tags: dict[str, str] = {}  # the run's tags (run_tags), set when the run opens
         self.pending: list[dict] = []  # records not yet accepted by the tracking server
         self.offline_warned = False
 
@@ -153,7 +154,8 @@ class Tracker:
         self.mlflow, self.run_id = mlflow, run.info.run_id
         if run_id is None:
             mlflow.log_params(flatten(self.cfg.to_dict()))
-        mlflow.set_tags(run_tags(self.cfg, self.runtime))
+        self.tags = run_tags(self.cfg, self.runtime)  # kept: the registered version carries some of them
+        mlflow.set_tags(self.tags)
         sent = {m.step for m in client.get_metric_history(self.run_id, "train_loss")} if run_id else set()
         self.pending = [r for r in history if r["epoch"] not in sent]  # lost when the server was away
         self._send()
@@ -238,8 +240,8 @@ class Tracker:
         try:
             line = registry.log_and_register(self.mlflow, weights, example, cfg=self.cfg, run_id=self.run_id,
                                              val_acc=val_acc, test_acc=test_acc,
-                                             tags={"git_commit": (git_commit() or ("unknown",))[0],
-                                                   "config_hash": config_hash(self.cfg)})
+                                             tags={"git_commit": self.tags.get("git_commit", "unknown"),
+                                                   "config_hash": self.tags["config_hash"]})
         except Exception as e:
             self.warn(f"MLflow: registering the model failed ({first_line(e)}); best.pt is in {self.cfg.train.out_dir}")
             return

@@ -99,6 +99,11 @@ def test_checkpointer_writes_last_and_best_built_from_the_parts(tmp_path):
     assert saved["train_state"] == state.state_dict()
     assert all(torch.equal(saved["model"][k], v) for k, v in parts.model.state_dict().items())
     assert checkpoint.previous(writer.last).is_file()  # the first last.pt, kept as the fallback
+    assert writer.best.stat().st_ino == writer.last.stat().st_ino  # best.pt: a link, not a second serialisation
+    state.epoch = 3
+    writer.save(parts, state)  # the next last.pt replaces the file by a rename: best.pt keeps its bytes
+    assert checkpoint.load(writer.best)["train_state"]["epoch"] == 2
+    assert checkpoint.load(writer.last)["train_state"]["epoch"] == 3
 
 
 def test_other_ranks_write_nothing(tmp_path):
