@@ -9,7 +9,7 @@ from tests.conftest import TINY, kill_tree, start_job, wait_until
 
 def test_a_stopped_rank_is_named_instead_of_a_hang(tmp_path):
     out = tmp_path / "out"
-    proc = start_job([*TINY, "train.epochs=20", "train.timeout_s=6", f"train.out_dir={out}"], nproc=2)
+    proc = start_job([*TINY, "train.epochs=20", "train.timeout_s=10", f"train.out_dir={out}"], nproc=2)
     try:
         metrics = out / "metrics.jsonl"
         wait_until(lambda: metrics.exists() and metrics.read_text(), timeout=120, proc=proc, what="the first epoch")
@@ -26,6 +26,6 @@ def test_a_stopped_rank_is_named_instead_of_a_hang(tmp_path):
     finally:
         kill_tree(proc.pid)
     assert proc.returncode != 0 and gave_up_s < 40  # train.timeout_s + a probe of as long, not forever
-    assert ("error: a collective timed out after 6s (train.timeout_s) on rank 0: rank(s) 1 did not answer a 6s probe"
+    assert ("error: a collective timed out after 10s (train.timeout_s) on rank 0: rank(s) 1 did not answer a 10s probe"
             in stderr)
     assert "CollectiveTimeout" in stderr and "Root Cause" in stderr  # torchrun's summary, from @record
