@@ -1,0 +1,231 @@
+"""python -m bench.recipes PLAN[,PLAN] --data-root DIR --out DIR [--parallel N] [--budget-s S] [key=value ...]
+   python -m bench.recipes --summary OUT/summary.json [--plot FILE.png]      (the table and curves again)
+
+Trains the runs of one or more plans as `python -m job.train` child processes, N at a time, on whatever device
+`train.device` picks, then writes OUT/summary.json (each run's per-epoch history, test accuracy, wall time,
+images/s) and prints a table of dev-test accuracy mean ± std per arm. Trailing key=value overrides reach every
+run (e.g. `mlflow.enabled=false train.device=cuda`). At --budget-s the runs still going get SIGTERM (they
+checkpoint and stop) and count as partial; runs not started are listed as such. Plans:
+
+  w32      every recipe choice at width 32 on a short schedule (20,000 training images, 6 epochs, batch 256,
+           one-cycle, bf16), one arm per choice, 3 seeds each (issue "Accuracy, measured")
+  fast     full width: configs/fast.yaml, and the same at batch 256, 3 seeds each
+  fast-sweep  full width: configs/fast.yaml at batch 64-256, lr 0.2, weight decay 2e-4, 3 seeds each
+  default  full width: the defaults (200 epochs), seed 0
+"""
+
+import argparse
+import fnmatch
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from bench.common import ROOT
+
+W32 = ["data.val_size=2000", "data.train_subset=20000", "model.width=32", "train.epochs=6", "train.batch_size=256",
+       "train.lr=0.1", "train.ref_batch_size=128", "train.schedule=onecycle", "train.warmup_epochs=1",
+       "train.precision=bf16"]
+W32_ARMS = {  # arm: what it changes from the base (lr follows the batch by train.ref_batch_size)
+    "base": [], "tta-flip": ["train.tta=flip"], "ema-0.99": ["train.ema_decay=0.99"],
+    "mixup-cutmix": ["data.mixup_alpha=0.2", "data.cutmix_alpha=1.0"], "no-label-smoothing": ["train.label_smoothing=0"],
+    "cosine": ["train.schedule=cosine"], "batch-128": ["train.batch_size=128"], "batch-512": ["train.batch_size=512"],
+}
+FAST = ["--config", "configs/fast.yaml"]
+FAST_SWEEP = {  # configs/fast.yaml at full width with fewer images per step, a higher lr, less weight decay
+    "fast-b128": ["train.batch_size=128"], "fast-b128-lr0.2": ["train.batch_size=128", "train.lr=0.2"],
+    "fast-b64": ["train.batch_size=64"], "fast-b256-lr0.2": ["train.batch_size=256", "train.lr=0.2"],
+    "fast-b128-wd2e-4": ["train.batch_size=128", "train.weight_decay=2e-4"],
+}
+
+
+@dataclass
+class Run:
+    arm: str
+    seed: int
+    args: list[str]
+    status: str = "not run"  # finished | partial (stopped at the budget) | failed | not run
+    returncode: int | None = None
+    wall_s: float | None = None
+    epochs_done: int = 0
+    best_val_acc: float | None = None
+    test_acc: float | None = None
+    images_per_sec: float | None = None  # median over epochs after the first
+    history: list[dict] = field(default_factory=list)
+    log_tail: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.arm}-s{self.seed}"
+
+
+def plan(names: list[str]) -> list[Run]:
+    """The runs in launch order: seed 0 of every arm before any seed 1 (a budget cut leaves whole comparisons)."""
+    runs = []
+    for name in names:
+        if name == "default":
+            runs += [Run("default", 0, [])]
+        elif name == "fast":
+            runs += [Run(arm, seed, FAST + extra) for seed in range(3)
+                     for arm, extra in {"fast": [], "fast-batch-256": ["train.batch_size=256"]}.items()]
+        elif name == "fast-sweep":
+            runs += [Run(arm, seed, FAST + extra) for seed in range(3) for arm, extra in FAST_SWEEP.items()]
+        elif name == "w32":
+            runs += [Run(f"w32-{arm}", seed, W32 + extra) for seed in range(3) for arm, extra in W32_ARMS.items()]
+        else:
+            raise SystemExit(f"error: unknown plan {name!r} (choose from default, fast, fast-sweep, w32)")
+    return sorted(runs, key=lambda run: run.seed)
+
+
+def read_metrics(run: Run, out_dir: Path) -> None:
+    path = out_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    run.history = [r for r in records if "epoch" in r and "val_acc" in r]
+    final = [r for r in records if "test_acc" in r]
+    run.epochs_done = len(run.history)
+    if run.history:
+        run.best_val_acc = max(r["val_acc"] for r in run.history)
+        speeds = [r["images_per_sec"] for r in run.history[1:]] or [run.history[0]["images_per_sec"]]
+        run.images_per_sec = statistics.median(speeds)
+    if final:
+        run.test_acc = final[-1]["test_acc"]
+
+
+def launch(run: Run, out: Path, overrides: list[str], threads: int) -> subprocess.Popen:
+    out_dir = out / "runs" / run.name
+    cmd = [sys.executable, "-m", "job.train", *run.args, f"train.seed={run.seed}", f"train.out_dir={out_dir}",
+           f"mlflow.run_name={run.name}", *overrides]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    log = open(out / "runs" / f"{run.name}.log", "wb")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc.started, proc.log = time.monotonic(), log
+    return proc
+
+
+def finish(run: Run, proc: subprocess.Popen, out: Path, stopped: bool) -> None:
+    proc.log.close()
+    run.returncode, run.wall_s = proc.returncode, round(time.monotonic() - proc.started, 1)
+    read_metrics(run, out / "runs" / run.name)
+    run.status = ("finished" if run.returncode == 0 and run.test_acc is not None
+                  else "partial" if stopped and run.returncode in (143, -15, 1) else "failed")
+    if run.status == "failed":
+        run.log_tail = "\n".join((out / "runs" / f"{run.name}.log").read_text(errors="replace").splitlines()[-15:])
+    print(f"[{time.strftime('%H:%M:%S')}] {run.name}: {run.status} (exit {run.returncode}, {run.wall_s} s, "
+          f"{run.epochs_done} epochs, test {run.test_acc})", file=sys.stderr, flush=True)
+
+
+def execute(runs: list[Run], out: Path, overrides: list[str], parallel: int, budget_s: float, threads: int) -> None:
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    pending, running = list(runs), {}
+    deadline, stopping = time.monotonic() + budget_s, False
+    while pending or running:
+        if not stopping and time.monotonic() > deadline:
+            stopping = True
+            for proc in running.values():
+                os.killpg(proc.pid, signal.SIGTERM)  # the job checkpoints and exits 143
+            kill_at = time.monotonic() + 60
+        if stopping and time.monotonic() > kill_at:
+            for proc in running.values():
+                os.killpg(proc.pid, signal.SIGKILL)
+        while not stopping and pending and len(running) < parallel:
+            run = pending.pop(0)
+            running[run.name] = launch(run, out, overrides, threads)
+            print(f"[{time.strftime('%H:%M:%S')}] {run.name}: started", file=sys.stderr, flush=True)
+        for run in [r for r in runs if r.name in running]:
+            proc = running[run.name]
+            if proc.poll() is not None:
+                finish(run, proc, out, stopping)
+                del running[run.name]
+        if stopping:
+            pending.clear()
+        time.sleep(1)
+
+
+def table(runs: list[Run]) -> str:
+    rows = ["| arm | runs finished | dev-test acc, mean ± std | min - max | best val acc (mean) | epochs | img/s (median) |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for arm in dict.fromkeys(r.arm for r in runs):
+        group = [r for r in runs if r.arm == arm]
+        done = [r for r in group if r.status == "finished"]
+        tests = [r.test_acc for r in done]
+        mean_std = (f"{statistics.mean(tests):.4f} ± {statistics.stdev(tests):.4f}" if len(tests) > 1
+                    else f"{tests[0]:.4f}" if tests else "-")
+        spread = f"{min(tests):.4f} - {max(tests):.4f}" if tests else "-"
+        vals = [r.best_val_acc for r in done]
+        speeds = [r.images_per_sec for r in group if r.images_per_sec]
+        epochs = "/".join(str(r.epochs_done) for r in group)
+        rows.append(f"| {arm} | {len(done)} of {len(group)} | {mean_std} | {spread} | "
+                    f"{statistics.mean(vals) if vals else float('nan'):.4f} | {epochs} | "
+                    f"{statistics.median(speeds) if speeds else float('nan'):.0f} |")
+    return "\n".join(rows)
+
+
+def plot(runs: list[Run], path: Path) -> None:
+    """Validation accuracy per epoch of each arm's finished runs (mean, min-max band): job.report's figure."""
+    from job.report import plot as draw
+
+    rows = []
+    for arm in dict.fromkeys(r.arm for r in runs):
+        done = [r for r in runs if r.arm == arm and r.status == "finished"]
+        if done:
+            rows.append({"recipe": arm, "differs_in": {}, "test_acc_mean": statistics.mean(r.test_acc for r in done),
+                         "val_acc_curves": [[h["val_acc"] for h in r.history] for r in done]})
+    draw(rows, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.recipes", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("plans", nargs="?", help="comma-separated: default, fast, fast-sweep, w32")
+    parser.add_argument("--data-root", help="data.root of every run (e.g. the dev split)")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--summary", type=Path, action="append",
+                        help="print the table of an earlier run's summary.json (repeatable), run nothing")
+    parser.add_argument("--plot", type=Path, metavar="FILE.png", help="also draw the validation curves per arm")
+    parser.add_argument("--parallel", type=int, default=1, help="runs at a time")
+    parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of each run")
+    parser.add_argument("--budget-s", type=float, default=float("inf"), help="stop everything after this long")
+    parser.add_argument("--only", default="", help="comma-separated arms to keep, * as a wildcard (default: all)")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds to run (default: all three)")
+    parser.add_argument("overrides", nargs="*", help="key=value for every run")
+    args = parser.parse_intermixed_args(argv)
+    keep = (lambda run: any(fnmatch.fnmatch(run.arm, p) for p in args.only.split(","))) if args.only else bool
+    if args.summary:
+        runs = []
+        for path in args.summary:
+            summary = json.loads(path.read_text())
+            runs += [run for run in (Run(**r) for r in summary["runs"]) if keep(run)]
+            print(f"{path}: {summary['machine']}, torch {summary['torch']}, {summary['parallel']} runs at a time, "
+                  f"started {summary['started']}")
+        print(f"\n{table(runs)}")
+        if args.plot:
+            plot(runs, args.plot)
+        return 0
+    if not (args.plans and args.data_root and args.out):
+        parser.error("PLAN, --data-root and --out are needed to run (or --summary to print an earlier table)")
+    runs = [run for run in plan(args.plans.split(",")) if keep(run)]
+    runs = [r for r in runs if str(r.seed) in args.seeds.split(",")]
+    overrides = [f"data.root={args.data_root}", "data.verify=false", *args.overrides]
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    execute(runs, args.out, overrides, args.parallel, args.budget_s, args.threads)
+    import torch
+
+    machine = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{os.cpu_count()}"
+    summary = {"started": started, "machine": machine, "torch": torch.__version__, "overrides": overrides,
+               "parallel": args.parallel, "runs": [asdict(r) for r in runs]}
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"{machine}, torch {torch.__version__}, {args.parallel} runs at a time, started {started}\n")
+    print(table(runs))
+    if args.plot:
+        plot(runs, args.plot)
+    return 0 if all(r.status in ("finished", "partial", "not run") for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
