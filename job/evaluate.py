@@ -18,7 +18,7 @@ from job.checkpoint import CheckpointError
 from job.config import ConfigError
 from job.data import DataError, eval_shard, normalize
 from job.distributed import Runtime
-from senet import senet
+from senet import FlipAverage, senet
 
 
 @dataclass
@@ -61,6 +61,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, runti
             dist.broadcast(buffer, src=0)
     was_training = model.training
     model.eval()
+    scorer = FlipAverage(model) if tta == "flip" else model
     shard = eval_shard(len(labels), runtime.rank, runtime.world_size)
     x_all, y_all = images[shard], labels[shard]
     loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
@@ -70,9 +71,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, runti
         x = normalize(x, channels_last) if normalize_inputs else x
         y = y_all[start:start + batch_size]
         with torch.autocast(runtime.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(x).float()
-            if tta == "flip":
-                logits = (logits + model(x.flip(3)).float()) / 2
+            logits = scorer(x).float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
         confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes**2)
     dist.all_reduce(loss_sum)
@@ -112,8 +111,8 @@ def load_model(source: str, runtime: Runtime, tracking_uri: str = "") -> tuple[n
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m job.evaluate --model MODEL [--config FILE] [data.root=...] [train.tta=flip]`: test-set accuracy,
-    per class."""
+    """`python -m job.evaluate --model MODEL [--config FILE] [data.root=...] [train.tta=none]`: test-set accuracy,
+    per class. train.tta applies to checkpoints; a registered model predicts with the TTA its run used."""
     parser = argparse.ArgumentParser(prog="python -m job.evaluate", description=main.__doc__)
     parser.add_argument("--model", required=True, help="models:/NAME@champion, runs:/ID/model, or a checkpoint")
     parser.add_argument("--config", help="YAML file (its data and train.device settings are used)")
@@ -126,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         model, takes_uint8 = load_model(args.model, runtime, cfg.mlflow.tracking_uri)
         images, labels = data.load_test(cfg.data, runtime)
         scores = evaluate(model, images, labels, runtime, batch_size=cfg.train.eval_batch_size,
-                          normalize_inputs=not takes_uint8, tta=cfg.train.tta)
+                          normalize_inputs=not takes_uint8,
+                          tta="none" if takes_uint8 else cfg.train.tta)  # a registered model carries its run's TTA
     except (ConfigError, DataError, CheckpointError, distributed.LaunchError) as e:
         cli.error(str(e))
         return 1

@@ -19,10 +19,12 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 
 
 def servable(weights: dict, cfg: Config) -> nn.Sequential:
-    """A CPU copy of the trained network behind its input normalisation, in eval mode."""
+    """A CPU copy of the trained network behind its input normalisation, in eval mode; with train.tta=flip it
+    averages each image's logits with its mirror's, so it predicts exactly what the run's test_acc measured."""
     model = senet.senet(cfg.model.depth, width=cfg.model.width, reduction=cfg.model.reduction)
     model.load_state_dict(weights)  # a plain SENet, whatever wrapped it in training (SyncBatchNorm, compile)
-    return nn.Sequential(senet.Normalize(MEAN, STD), model).eval()
+    net = senet.FlipAverage(model) if cfg.train.tta == "flip" else model
+    return nn.Sequential(senet.Normalize(MEAN, STD), net).eval()
 
 
 def log_and_register(mlflow, weights: dict, example: torch.Tensor, *, cfg: Config, run_id: str,

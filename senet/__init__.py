@@ -1,5 +1,5 @@
 """SENet (Hu et al., Squeeze-and-Excitation Networks) for 32x32 images such as CIFAR-10."""
 
-from senet.model import BasicBlock, Normalize, SENet, senet, senet18, senet34
+from senet.model import BasicBlock, FlipAverage, Normalize, SENet, senet, senet18, senet34
 
-__all__ = ["BasicBlock", "Normalize", "SENet", "senet", "senet18", "senet34"]
+__all__ = ["BasicBlock", "FlipAverage", "Normalize", "SENet", "senet", "senet18", "senet34"]

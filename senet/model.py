@@ -89,6 +89,17 @@ class Normalize(nn.Module):
         return (x.float() - self.mean) / self.std
 
 
+class FlipAverage(nn.Module):
+    """Flip test-time augmentation: the mean of the model's logits for each image and for its horizontal mirror."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.model(x).float() + self.model(x.flip(3)).float()) / 2
+
+
 def senet(depth: int = 18, *, width: int = 64, reduction: int = 16, num_classes: int = 10) -> SENet:
     """SENet of the given depth (18 or 34)."""
     if depth not in BLOCKS_PER_STAGE:

@@ -85,7 +85,7 @@ def test_registered_champion_predicts_like_the_checkpoint(mlflow_server, two_ran
     import mlflow
 
     from job.data import normalize, synthetic
-    from senet import senet18
+    from senet import FlipAverage, senet18
 
     out, _ = two_ranks
     mlflow.set_tracking_uri(mlflow_server.uri)
@@ -96,8 +96,10 @@ def test_registered_champion_predicts_like_the_checkpoint(mlflow_server, two_ran
     bare = senet18(width=8)
     bare.load_state_dict(torch.load(out / "checkpoints" / "best.pt", weights_only=True)["model"])
     bare.eval()
-    with torch.no_grad():
-        assert torch.equal(served(images).argmax(1), bare(normalize(images)).argmax(1))
+    with torch.no_grad():  # the run's train.tta (flip, the default) travels with the registered model
+        expected = FlipAverage(bare)(normalize(images))
+        assert torch.allclose(served(images), expected, atol=1e-5)
+        assert not torch.allclose(bare(normalize(images)), expected, atol=1e-5)
     # and the CLI scores it on the test set, as documented
     cli = run_job(["--model", "models:/two-ranks/1", f"mlflow.tracking_uri={mlflow_server.uri}",
                    "data.source=synthetic", "data.test_subset=500"], module="job.evaluate")
