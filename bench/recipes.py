@@ -30,7 +30,7 @@ from bench.common import ROOT
 
 W32 = ["data.val_size=2000", "data.train_subset=20000", "model.width=32", "train.epochs=6", "train.batch_size=256",
        "train.lr=0.1", "train.ref_batch_size=128", "train.schedule=onecycle", "train.warmup_epochs=1",
-       "train.precision=bf16"]
+       "train.precision=bf16", "train.tta=none"]  # the base as measured: TTA is an arm of its own
 W32_ARMS = {  # arm: what it changes from the base (lr follows the batch by train.ref_batch_size)
     "base": [], "tta-flip": ["train.tta=flip"], "ema-0.99": ["train.ema_decay=0.99"],
     "mixup-cutmix": ["data.mixup_alpha=0.2", "data.cutmix_alpha=1.0"], "no-label-smoothing": ["train.label_smoothing=0"],

@@ -14,7 +14,7 @@ from bench import baseline, report, seed, steps
 from bench.child import run_child
 from bench.common import Mode, summarize
 from job import loop
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TINY
 
 
 def _positive(value) -> bool:
@@ -104,3 +104,36 @@ def test_quick_run_writes_every_section_with_positive_figures(tmp_path):
     assert doc["ddp"]["runs"]["2proc_1thread"]["nproc"] == 2
     assert _positive(doc["ddp"]["speedup_2proc_vs_1proc_2threads"])
     assert f"| {modes[0]} |" in result.stdout  # the markdown table
+
+
+def test_recipes_trains_each_arm_and_seed_and_reports_mean_and_std(tmp_path):
+    """bench.recipes end to end at a tiny size: one job.train child per (arm, seed), the table from their
+    metrics.jsonl, the same table again from summary.json; a budget stops a run, which is not counted."""
+    tiny = [a for a in TINY if not a.startswith("data.train_subset")] + ["data.train_subset=512", "train.device=cpu"]
+    cmd = [sys.executable, "-m", "bench.recipes", "w32", "--only", "w32-base,w32-tta-flip", "--seeds", "0,1",
+           "--data-root", str(tmp_path / "unused"), "--out", str(tmp_path / "rec"), "--parallel", "2",
+           "--threads", "1", *tiny, "train.epochs=1"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((tmp_path / "rec" / "summary.json").read_text())
+    runs = {(r["arm"], r["seed"]): r for r in summary["runs"]}
+    assert set(runs) == {("w32-base", 0), ("w32-base", 1), ("w32-tta-flip", 0), ("w32-tta-flip", 1)}
+    for (arm, seed), r in runs.items():
+        assert r["status"] == "finished" and r["epochs_done"] == 1 and 0 <= r["test_acc"] <= 1
+        config = (tmp_path / "rec" / "runs" / f"{arm}-s{seed}" / "config.yaml").read_text()
+        assert f"seed: {seed}" in config and "width: 8" in config  # the trailing overrides win over the arm's
+        assert ("tta: flip" if arm == "w32-tta-flip" else "tta: none") in config
+    tests = [runs["w32-base", s]["test_acc"] for s in (0, 1)]
+    row = next(line for line in done.stdout.splitlines() if line.startswith("| w32-base |"))
+    assert "2 of 2" in row and f"{sum(tests) / 2:.4f} ± " in row
+    again = subprocess.run([sys.executable, "-m", "bench.recipes", "--summary", str(tmp_path / "rec" / "summary.json")],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert row in again.stdout.splitlines()
+
+    cut = subprocess.run([*cmd[:cmd.index("--out")], "--out", str(tmp_path / "cut"), "--budget-s", "3",
+                          *cmd[cmd.index("--parallel"):], "train.epochs=50"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert cut.returncode == 0, cut.stderr[-2000:]
+    statuses = [r["status"] for r in json.loads((tmp_path / "cut" / "summary.json").read_text())["runs"]]
+    assert statuses.count("partial") == 2 and statuses.count("not run") == 2
+    assert "| w32-base | 0 of 2 | - |" in cut.stdout
