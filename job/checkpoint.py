@@ -155,6 +155,43 @@ def check_model(state: dict, model_config: dict, path: Path) -> None:
         raise CheckpointError(f"checkpoint {path} is for another model: " + ", ".join(diff))
 
 
+# Keys a resume may change; they apply from its first step and are named in one line. Any other key of the model,
+# data or training recipe that differs from the checkpoint's is refused: the weights, optimizer state, schedule
+# or data order in the checkpoint were made with it, so a new value would hold only in config.yaml.
+RESUME_APPLIES = {"train.epochs", "train.label_smoothing", "train.clip_grad_norm", "train.tta", "train.precision",
+                  "train.sync_bn", "train.eval_batch_size", "data.mixup_alpha", "data.cutmix_alpha", "data.cutout",
+                  "data.test_subset", "data.root", "data.download", "data.verify", "data.url", "data.md5"}
+# where outputs go and how the launch runs, not what is trained: changed silently
+RESUME_SILENT = {f"train.{k}" for k in ("out_dir", "resume", "stop_after_epochs", "stop_signals", "timeout_s",
+                                        "checkpoint_every_steps", "step_times", "threads", "channels_last", "compile",
+                                        "reuse_host_memory", "grad_compression", "bucket_mb", "device")}
+
+
+def resume_changes(state: dict, cfg, path: Path) -> list[str]:
+    """The settings this launch changes from the checkpoint's ("key old -> new"), after refusing, in one line,
+    those a resume cannot honour (job/checkpoint.py RESUME_APPLIES says which it can)."""
+    saved, now = state["config"], cfg.to_dict()
+    changes, refused = [], []
+    for section, values in now.items():
+        if section == "mlflow":
+            continue
+        for key, value in values.items():
+            name, old = f"{section}.{key}", saved.get(section, {}).get(key, value)
+            if old == value or name in RESUME_SILENT:
+                continue
+            (changes if name in RESUME_APPLIES else refused).append(f"{name} {old} -> {value}")
+    done = state["train_state"]["epoch"]
+    if cfg.train.epochs < done:
+        refused.append(f"train.epochs {cfg.train.epochs} (the checkpoint has done {done} epochs)")
+    precisions = {saved["train"].get("precision"), cfg.train.precision}
+    if "fp16" in precisions and len(precisions) > 1:
+        refused.append("train.precision to or from fp16 (its loss scaler's state does not carry over)")
+    if refused:
+        raise CheckpointError(f"cannot resume {path} with {'; '.join(refused)}: set it back, or train from "
+                              f"scratch in another train.out_dir")
+    return changes
+
+
 def check_compatible(state: dict, cfg, path: Path) -> None:
     """Before any work: the checkpoint holds the model this config builds, and EMA weights exactly when it
     keeps an EMA (resuming across that would lose them or start from nothing)."""

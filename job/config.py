@@ -206,7 +206,11 @@ class MlflowConfig:
     def __post_init__(self):
         _check_types(self, "mlflow")
         _require(bool(self.experiment), "mlflow.experiment must not be empty")
-        _require(bool(self.registered_model), "mlflow.registered_model must not be empty")
+        name = self.registered_model  # MLflow's own rules, checked before training rather than at registration
+        _require(bool(name.strip()) and name.strip() == name and "/" not in name and ":" not in name
+                 and name not in (".", "..") and len(name) <= 250,
+                 f"mlflow.registered_model {name!r} is not a name MLflow accepts (non-empty, no '/' or ':', no "
+                 f"surrounding spaces, at most 250 characters)")
         _require(redact(self.tracking_uri) == self.tracking_uri,
                  f"mlflow.tracking_uri {redact(self.tracking_uri)} holds a password: set MLFLOW_TRACKING_USERNAME "
                  f"and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment instead")

@@ -1,9 +1,14 @@
-"""Process-level CPU settings, made once before any work: intra-op threads and glibc's reuse of freed memory."""
+"""Process-level settings, made once before any work: intra-op threads, glibc's reuse of freed memory, and
+a worker's exit when its torchrun agent is gone."""
 
 import ctypes
 import ctypes.util
 import os
 import platform
+import signal
+import sys
+import threading
+import time
 
 import torch
 
@@ -31,3 +36,25 @@ def keep_freed_memory() -> bool:
         return False
     libc = ctypes.CDLL(libc)
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**30))
+
+
+def exit_with_launcher(grace_s: float = 60.0, poll_s: float = 1.0) -> threading.Thread | None:
+    """Under torchrun, stop this worker when its agent dies (SIGKILL, OOM): a thread sees the parent change,
+    sends this process SIGTERM (the job's stop path: every rank checkpoints at one step and exits), and SIGKILL
+    after grace_s if it is still there. Without it, workers train on as orphans beside the next launch."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # not a torchrun worker: a shell's child keeps its own rules
+        return None
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        print(f"warning: the torchrun agent (pid {parent}) is gone; this worker (pid {os.getpid()}) stops",
+              file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    thread = threading.Thread(target=watch, name="exit-with-launcher", daemon=True)
+    thread.start()
+    return thread

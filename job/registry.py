@@ -1,5 +1,12 @@
 """The MLflow model registry: log the best model, register it, and gate promotion to @champion.
 
+Who may compete: only runs on the full CIFAR-10 source with the standard validation split register under
+mlflow.registered_model; synthetic data, subsets and other validation sizes register under `<name>-dev`, so a
+smoke run never touches the production name's aliases. Every version carries its data fingerprint (a hash of
+the training, validation and test images and labels it saw) and the recipe hash, and a version competes for
+@champion only against a champion with the same fingerprint: a re-encoded copy (data.verify=false) competes
+among its own kind. Registration is idempotent per MLflow run: a second attempt finds the run's version.
+
 The logged model takes what CIFAR-10 stores — uint8 images (N, 3, 32, 32), RGB, 0..255 — and returns
 logits (N, 10): it carries its own normalisation, so `mlflow.pytorch.load_model("models:/NAME@champion")`
 is usable as is. It is saved in the pickle format with the `senet` package as code, so it loads as a
@@ -12,7 +19,7 @@ import torch
 from torch import nn
 
 import senet
-from job.config import Config
+from job.config import Config, DataConfig
 from job.data import MEAN, STD
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -27,11 +34,35 @@ def servable(weights: dict, cfg: Config) -> nn.Sequential:
     return nn.Sequential(senet.Normalize(MEAN, STD), net).eval()
 
 
+def not_production(data: DataConfig) -> str | None:
+    """Why a run on these data settings must not register under the production name (None: it may)."""
+    if data.source != "cifar10":
+        return f"data.source={data.source}"
+    if data.train_subset is not None or data.test_subset is not None:
+        return "a subset of CIFAR-10 (data.train_subset / data.test_subset)"
+    if data.val_size != DataConfig.val_size:
+        return f"data.val_size={data.val_size}, not the standard {DataConfig.val_size}-image validation split"
+    return None
+
+
+def model_name(cfg: Config) -> str:
+    """The registry name this run's model goes to: mlflow.registered_model, or `<it>-dev` (not_production)."""
+    name = cfg.mlflow.registered_model
+    return name if not_production(cfg.data) is None else f"{name}-dev"
+
+
 def log_and_register(mlflow, weights: dict, example: torch.Tensor, *, cfg: Config, run_id: str,
                      val_acc: float | None, test_acc: float, tags: dict[str, str]) -> str:
-    """Log, register and gate; returns the one line that says what happened and why."""
+    """Log, register and gate; returns the one line that says what happened and why.
+
+    tags must hold data_fingerprint and config_hash (the gate compares the first)."""
     from mlflow.models import infer_signature
 
+    client = mlflow.MlflowClient()
+    name = model_name(cfg)
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if existing:
+        return f"registry: {name} version {existing[0].version} already holds run {run_id}'s model; not registered again"
     wrapped = servable(weights, cfg)
     example = example[:4].cpu()
     with torch.no_grad():
@@ -40,18 +71,21 @@ def log_and_register(mlflow, weights: dict, example: torch.Tensor, *, cfg: Confi
         wrapped, name="model", serialization_format="pickle", code_paths=[str(Path(senet.__file__).parent)],
         signature=infer_signature(example.numpy(), output.numpy()), input_example=example.numpy(),
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"])
-    name = cfg.mlflow.registered_model
-    version = mlflow.register_model(info.model_uri, name).version
-    client = mlflow.MlflowClient()
     version_tags = {"val_acc": "" if val_acc is None else str(val_acc), "test_acc": str(test_acc),  # exact
                     "run_id": run_id, **tags}
-    for key, value in version_tags.items():
-        client.set_model_version_tag(name, version, key, value)
-    return promote(client, name, version, val_acc, cfg.mlflow.promote_margin)
+    version = mlflow.register_model(info.model_uri, name, tags=version_tags).version  # tags in the same call
+    client.update_model_version(name, version, description=(
+        f"SENet{cfg.model.depth} width {cfg.model.width} on {cfg.data.source} (data {tags['data_fingerprint']}, "
+        f"recipe {tags['config_hash']}): val_acc {version_tags['val_acc'] or '-'}, test_acc {test_acc:.4f}; "
+        f"run {run_id}. Input uint8 (N, 3, 32, 32) RGB, output logits (N, 10)."))
+    line = promote(client, name, version, val_acc, cfg.mlflow.promote_margin, tags["data_fingerprint"])
+    reason = not_production(cfg.data)
+    return line + (f" (under {name}, not {cfg.mlflow.registered_model}: {reason})" if reason else "")
 
 
-def promote(client, name: str, version: str, val_acc: float | None, margin: float) -> str:
-    """@champion to version if it beats the champion's val_acc by more than margin (or there is none)."""
+def promote(client, name: str, version: str, val_acc: float | None, margin: float, fingerprint: str) -> str:
+    """@champion to version if it beats the champion's val_acc by more than margin (or there is none); a champion
+    trained or scored on other data (another data_fingerprint, or none) is not compared, and stays."""
     try:
         champion = client.get_model_version_by_alias(name, CHAMPION)
     except Exception:  # MLflow raises when the alias does not exist
@@ -63,6 +97,12 @@ def promote(client, name: str, version: str, val_acc: float | None, margin: floa
     if champion is None:
         client.set_registered_model_alias(name, CHAMPION, version)
         return f"{where} is @{CHAMPION}: there was no champion (val_acc {val_acc:.4f})"
+    theirs = champion.tags.get("data_fingerprint")
+    if theirs != fingerprint:
+        client.set_registered_model_alias(name, CHALLENGER, version)
+        return (f"{where} is @{CHALLENGER}: @{CHAMPION} version {champion.version} was trained or scored on other "
+                f"data (fingerprint {theirs or 'none'}, this one {fingerprint}), so they are not compared; move "
+                f"the alias by hand if this one should serve")
     best = float(champion.tags.get("val_acc") or "-1")
     if val_acc > best + margin:
         client.set_registered_model_alias(name, CHAMPION, version)

@@ -144,17 +144,21 @@ class Tracker:
         experiment = mlflow.set_experiment(self.cfg.mlflow.experiment)
         if run_id is not None:
             try:
-                client.get_run(run_id)
+                status = client.get_run(run_id).info.status
             except Exception:
                 self.warn(f"MLflow run {run_id} of the checkpoint is not at {redact(uri)}; starting a new run")
                 run_id = None
+            else:
+                if status == "FINISHED":  # a finished run's record is final: never reopened
+                    self.warn(f"MLflow run {run_id} of the checkpoint has FINISHED; starting a new run")
+                    self.tags["continues_run"], run_id = run_id, None
         system_metrics = _has_module("psutil")
         run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment.experiment_id,
                                run_name=self.cfg.mlflow.run_name or None, log_system_metrics=system_metrics)
         self.mlflow, self.run_id = mlflow, run.info.run_id
         if run_id is None:
             mlflow.log_params(flatten(self.cfg.to_dict()))
-        self.tags = run_tags(self.cfg, self.runtime)  # kept: the registered version carries some of them
+        self.tags = {**run_tags(self.cfg, self.runtime), **self.tags}  # kept: the registered version carries some
         mlflow.set_tags(self.tags)
         sent = {m.step for m in client.get_metric_history(self.run_id, "train_loss")} if run_id else set()
         self.pending = [r for r in history if r["epoch"] not in sent]  # lost when the server was away
@@ -230,7 +234,8 @@ class Tracker:
             time.sleep(2)
         return True
 
-    def register(self, weights: dict, example: torch.Tensor, val_acc: float | None, test_acc: float) -> None:
+    def register(self, weights: dict, example: torch.Tensor, val_acc: float | None, test_acc: float,
+                 data_fingerprint: str) -> None:
         """Log the model (best.pt's weights to predict with) to the run, register it, and move @champion or
         @challenger (job/registry.py)."""
         if not (self.active and self.mlflow and not self.pending):
@@ -241,7 +246,8 @@ class Tracker:
             line = registry.log_and_register(self.mlflow, weights, example, cfg=self.cfg, run_id=self.run_id,
                                              val_acc=val_acc, test_acc=test_acc,
                                              tags={"git_commit": self.tags.get("git_commit", "unknown"),
-                                                   "config_hash": self.tags["config_hash"]})
+                                                   "config_hash": self.tags["config_hash"],
+                                                   "data_fingerprint": data_fingerprint})
         except Exception as e:
             self.warn(f"MLflow: registering the model failed ({first_line(e)}); best.pt is in {self.cfg.train.out_dir}")
             return

@@ -20,19 +20,20 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from job import checkpoint, cli, config, data, distributed, host
+from job import checkpoint, cli, config, data, distributed, host, outdir
 from job.checkpoint import CheckpointError, Checkpointer
 from job.config import Config, ConfigError
 from job.data import DataError, Splits
 from job.distributed import LaunchError, Runtime
 from job.evaluate import Scores, evaluate
+from job.outdir import OutDirError, Ownership
 from job.loop import Parts, TrainState, autocast_dtype, make_ema, train_one_epoch
 from job.optim import build_optimizer, build_scheduler
 from job.preemption import PREEMPTED_EXIT_CODE, Preempted, StopSignal
 from job.tracking import Tracker, TrackingError
 from senet import senet
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, LaunchError, TrackingError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, LaunchError, TrackingError, OutDirError)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,6 +42,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.epochs=10")
     return parser.parse_args(argv)
+
+
+def own_out_dir(out_dir: str, runtime: Runtime) -> Ownership:
+    """Rank 0 takes out_dir for this launch (job/outdir.py) or every rank raises the one line naming its owner."""
+    ownership, error = Ownership(out_dir), None
+    if runtime.is_main:
+        try:
+            note = ownership.acquire()
+            if note:
+                cli.warning(note)
+        except OutDirError as e:
+            error = e
+    if not distributed.all_agree(error is None, runtime.device):
+        raise error or OutDirError(f"train.out_dir {out_dir} is in use by another launch (rank 0's log names it)")
+    return ownership
+
+
+def already_finished(cfg: Config, runtime: Runtime) -> bool:
+    """True (after one line) when out_dir holds a finished run this launch would only repeat; raises when the
+    launch asks for more than that run did."""
+    done = outdir.finished(cfg.train.out_dir)
+    if done is None:
+        return False
+    if cfg.train.epochs > done["epochs"] or cfg.train.resume not in ("auto", "never"):
+        raise OutDirError(f"train.out_dir {cfg.train.out_dir} holds a run that finished after {done['epochs']} "
+                          f"epochs; to train on from it use a new out_dir with "
+                          f"train.resume={checkpoint.directory(cfg.train.out_dir) / 'last.pt'}")
+    if runtime.is_main:
+        print(f"already finished: {cfg.train.out_dir} (test_acc {done['test_acc']:.4f} after {done['epochs']} epochs"
+              f"{', MLflow run ' + done['mlflow_run_id'] if done.get('mlflow_run_id') else ''}); nothing to do",
+              flush=True)
+    return True
 
 
 def prepare_out_dir(cfg: Config, runtime: Runtime) -> None:
@@ -170,7 +203,12 @@ def finish(parts: Parts, splits: Splits, cfg: Config, runtime: Runtime, state: T
     tracker.log_final({"test_acc": test.accuracy, "test_loss": test.loss, "best_epoch": state.best_epoch,
                        "best_val_acc": state.best_val_acc, "test_images": test.count},
                       state.history, test.confusion, checkpoints.best)
-    tracker.register(checkpoint.weights(best), splits.test_x[:4], val_acc=state.best_val_acc, test_acc=test.accuracy)
+    if runtime.is_main:
+        tracker.register(checkpoint.weights(best), splits.test_x[:4], val_acc=state.best_val_acc,
+                         test_acc=test.accuracy, data_fingerprint=data.fingerprint(splits))
+    if runtime.is_main:  # last: a crash before this line makes the next launch finish (and register) again
+        outdir.mark_finished(cfg.train.out_dir, {"epochs": cfg.train.epochs, "test_acc": test.accuracy,
+                                                 "best_val_acc": state.best_val_acc, "mlflow_run_id": tracker.run_id})
 
 
 def run(cfg: Config, runtime: Runtime, config_path: str | None) -> None:
@@ -179,22 +217,42 @@ def run(cfg: Config, runtime: Runtime, config_path: str | None) -> None:
     if t.batch_size % runtime.world_size:  # before any data is read
         raise ConfigError(f"train.batch_size {t.batch_size} is not divisible by the world size {runtime.world_size}")
     use_sync_bn(t.sync_bn, t.batch_size // runtime.world_size, runtime)  # refuses true on the CPU, now
+    ownership = own_out_dir(t.out_dir, runtime)  # held until this process ends
+    try:
+        if not already_finished(cfg, runtime):
+            train_out_dir(cfg, runtime, config_path)
+    finally:
+        ownership.release()
+
+
+def train_out_dir(cfg: Config, runtime: Runtime, config_path: str | None) -> None:
+    """Resume or start the run in out_dir (owned by this launch), train it, test and register the best model."""
+    t = cfg.train
     found = checkpoint.resume_from(t.resume, t.out_dir, warn=cli.warning)
     resume_path, saved = found if found else (None, None)
+    changes = []
     if saved:
         checkpoint.check_compatible(saved, cfg, resume_path)
+        changes = checkpoint.resume_changes(saved, cfg, resume_path)
     splits = data.load_splits(cfg.data, runtime)  # before out_dir: a launch that fails here changes nothing
     steps = steps_per_epoch(cfg, runtime, len(splits.train_y))
     prepare_out_dir(cfg, runtime)
 
     state = TrainState()
+    tracker = Tracker(cfg, runtime)
     if saved:
         state.load_state_dict(saved["train_state"])
-    tracker = Tracker(cfg, runtime)
+        if checkpoint.directory(t.out_dir).resolve() != resume_path.resolve().parent:
+            # another run's checkpoint: its MLflow run stays as it is; this out_dir's run is a new one
+            state.mlflow_run_id = None
+            tracker.tags["resumed_from"] = str(resume_path.resolve())
     tracker.info(f"senet-job: world_size {runtime.world_size}  nodes {runtime.num_nodes} "
                  f"({distributed.layout(runtime)})  backend {runtime.backend}  device {runtime.device}  "
                  f"config {config_path or '(defaults)'}  out_dir {t.out_dir}"
                  + (f"  resuming {resume_path} at epoch {state.epoch + 1} step {state.step}" if saved else ""))
+    if changes:
+        tracker.info(f"resume: this launch changes {', '.join(changes)}; they apply from here on "
+                     f"(config.yaml and the next checkpoint hold them)")
     parts = build(cfg, runtime, steps, saved)
     checkpoints = Checkpointer(t.out_dir, runtime, cfg.to_dict())
     stop = StopSignal(t.stop_signals, runtime.backend)
@@ -230,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runtime = distributed.setup(cfg.train.device, cfg.train.timeout_s)
         host.tune(cfg.train, runtime)
+        host.exit_with_launcher()
         run(cfg, runtime, args.config)
         return 0
     except USER_ERRORS as e:

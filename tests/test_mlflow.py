@@ -50,7 +50,8 @@ def two_ranks(mlflow_server, tmp_path_factory):
     result = run_job(tracked(mlflow_server, "two-ranks", "train.epochs=3", f"train.out_dir={out}"), nproc=2,
                      env=probe_env(tmp))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "registry: two-ranks version 1 is @champion: there was no champion" in result.stdout
+    assert "registry: two-ranks-dev version 1 is @champion: there was no champion" in result.stdout
+    assert "(under two-ranks-dev, not two-ranks: data.source=synthetic)" in result.stdout
     return out, tmp
 
 
@@ -74,11 +75,90 @@ def test_two_ranks_log_one_run_from_rank_zero_only(mlflow_server, two_ranks, tmp
     assert {"config.yaml", "metrics.jsonl", "learning_curves.png", "confusion_matrix.png", "best.pt"} <= artifacts
     png = client.download_artifacts(run.info.run_id, "confusion_matrix.png", str(tmp_path))
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    version = client.get_model_version("two-ranks", "1")
+    version = client.get_model_version("two-ranks-dev", "1")
     assert version.run_id == run.info.run_id
     assert float(version.tags["val_acc"]) == read_metrics(out)[-1]["best_val_acc"]
     assert version.tags["run_id"] == run.info.run_id and version.tags["config_hash"] == tags["config_hash"]
     assert float(version.tags["test_acc"]) == run.data.metrics["test_acc"]
+    assert len(version.tags["data_fingerprint"]) == 16 and version.tags["data_fingerprint"] in version.description
+    assert version.description.startswith("SENet18 width 8 on synthetic") and run.info.run_id in version.description
+
+
+def test_a_finished_run_relaunched_registers_nothing_and_logs_nothing(mlflow_server, two_ranks):
+    out, _ = two_ranks
+    client = mlflow_server.client()
+    run = only_run(client, "two-ranks")
+    versions = len(client.search_model_versions("name = 'two-ranks-dev'"))
+    again = run_job(tracked(mlflow_server, "two-ranks", "train.epochs=3", f"train.out_dir={out}"))  # 1 rank: a retry
+    assert again.returncode == 0 and again.stdout.startswith(f"already finished: {out} ")
+    assert run.info.run_id in again.stdout
+    assert len(client.search_model_versions("name = 'two-ranks-dev'")) == versions
+    assert len(client.get_metric_history(run.info.run_id, "test_acc")) == 1
+    assert only_run(client, "two-ranks").info.status == "FINISHED"
+
+
+def test_registration_is_idempotent_per_run(mlflow_server, two_ranks):
+    """A launch that registered and then died before finished.json is written registers nothing the second time."""
+    import mlflow
+
+    from job import config, registry
+
+    out, _ = two_ranks
+    client = mlflow_server.client()
+    run = only_run(client, "two-ranks")
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    cfg = config.load(overrides=[*TRACKED, "mlflow.registered_model=two-ranks"])
+    weights = torch.load(out / "checkpoints" / "best.pt", weights_only=True)["model"]
+    before = len(client.search_model_versions("name = 'two-ranks-dev'"))
+    line = registry.log_and_register(mlflow, weights, torch.zeros(4, 3, 32, 32, dtype=torch.uint8), cfg=cfg,
+                                     run_id=run.info.run_id, val_acc=1.0, test_acc=1.0,
+                                     tags={"config_hash": "x", "data_fingerprint": "y"})
+    assert line == f"registry: two-ranks-dev version 1 already holds run {run.info.run_id}'s model; not registered again"
+    assert len(client.search_model_versions("name = 'two-ranks-dev'")) == before
+
+
+def test_another_runs_checkpoint_starts_a_new_mlflow_run_and_leaves_that_one_alone(mlflow_server, two_ranks, tmp_path):
+    source, _ = two_ranks
+    client = mlflow_server.client()
+    original = only_run(client, "two-ranks")
+    out = tmp_path / "out"
+    result = run_job(tracked(mlflow_server, "branch", "train.epochs=4", f"train.out_dir={out}",
+                             f"train.resume={source}/checkpoints/last.pt"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train.epochs 3 -> 4" in result.stdout
+    branch = only_run(client, "branch")
+    assert branch.info.run_id != original.info.run_id
+    assert branch.data.tags["resumed_from"] == str((source / "checkpoints" / "last.pt").resolve())
+    after = client.get_run(original.info.run_id)
+    assert after.info.status == "FINISHED" and after.info.end_time == original.info.end_time
+    assert steps(client, original.info.run_id) == [0, 1, 2]  # nothing written into the other run
+    assert steps(client, branch.info.run_id) == [0, 1, 2, 3]  # its history came along, then epoch 4
+
+
+def test_a_smoke_run_never_touches_the_production_names_champion(mlflow_server, tmp_path):
+    """Against a registry whose production name holds a real champion: the README's first command registers
+    under `<name>-dev`, and the production champion and its aliases stay as they were."""
+    client = mlflow_server.client()
+    client.create_registered_model("prod")
+    trained = client.create_run(client.create_experiment("real-training")).info.run_id
+    real = client.create_model_version("prod", source=f"runs:/{trained}/model", run_id=trained,
+                                       tags={"val_acc": "0.93", "data_fingerprint": "real-data"})
+    client.set_registered_model_alias("prod", "champion", real.version)
+    result = run_job(["--config", "configs/smoke.yaml", f"mlflow.tracking_uri={mlflow_server.uri}",
+                      "mlflow.experiment=smoke", "mlflow.registered_model=prod", f"train.out_dir={tmp_path}/smoke"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    (line,) = [x for x in result.stdout.splitlines() if x.startswith("registry:")]
+    assert line.startswith("registry: prod-dev version 1 is @champion") and "data.source=synthetic" in line
+    assert client.get_model_version_by_alias("prod", "champion").version == real.version
+    assert len(client.search_model_versions("name = 'prod'")) == 1
+    assert client.get_registered_model("prod").aliases == {"champion": real.version}
+
+
+def test_a_registry_name_mlflow_would_refuse_is_refused_before_training(tmp_path):
+    result = run_job([*TRACKED, "mlflow.registered_model=team/senet", f"train.out_dir={tmp_path}/out"])
+    assert result.returncode == 2 and not (tmp_path / "out").exists()
+    assert result.stderr.strip() == ("error: mlflow.registered_model 'team/senet' is not a name MLflow accepts "
+                                     "(non-empty, no '/' or ':', no surrounding spaces, at most 250 characters)")
 
 
 def test_registered_champion_predicts_like_the_checkpoint(mlflow_server, two_ranks):
@@ -89,7 +169,7 @@ def test_registered_champion_predicts_like_the_checkpoint(mlflow_server, two_ran
 
     out, _ = two_ranks
     mlflow.set_tracking_uri(mlflow_server.uri)
-    served = mlflow.pytorch.load_model("models:/two-ranks/1")
+    served = mlflow.pytorch.load_model("models:/two-ranks-dev/1")
     assert isinstance(served, torch.nn.Module)
     served.eval()  # a plain module, not an exported graph
     images, _ = synthetic(300, seed=99)  # images the run has not seen
@@ -101,7 +181,7 @@ def test_registered_champion_predicts_like_the_checkpoint(mlflow_server, two_ran
         assert torch.allclose(served(images), expected, atol=1e-5)
         assert not torch.allclose(bare(normalize(images)), expected, atol=1e-5)
     # and the CLI scores it on the test set, as documented
-    cli = run_job(["--model", "models:/two-ranks/1", f"mlflow.tracking_uri={mlflow_server.uri}",
+    cli = run_job(["--model", "models:/two-ranks-dev/1", f"mlflow.tracking_uri={mlflow_server.uri}",
                    "data.source=synthetic", "data.test_subset=500"], module="job.evaluate")
     assert cli.returncode == 0, cli.stderr[-2000:]
     assert "test accuracy" in cli.stdout and cli.stdout.count("\n") == 11  # overall + 10 classes
@@ -114,11 +194,11 @@ def test_a_weaker_model_becomes_challenger_and_the_champion_stays(mlflow_server,
     result = run_job(weak)
     assert result.returncode == 0, result.stderr[-3000:]
     (line,) = [x for x in result.stdout.splitlines() if x.startswith("registry:")]
-    assert line.startswith("registry: two-ranks version 2 is @challenger: val_acc ")
+    assert line.startswith("registry: two-ranks-dev version 2 is @challenger: val_acc ")
     assert "does not beat @champion version 1" in line
     client = mlflow_server.client()
-    assert client.get_model_version_by_alias("two-ranks", "champion").version == "1"
-    assert client.get_model_version_by_alias("two-ranks", "challenger").version == "2"
+    assert client.get_model_version_by_alias("two-ranks-dev", "champion").version == "1"
+    assert client.get_model_version_by_alias("two-ranks-dev", "challenger").version == "2"
 
 
 def test_killed_after_an_epoch_and_resumed_keeps_one_run(mlflow_server, tmp_path):

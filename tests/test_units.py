@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from job import checkpoint
+from job import checkpoint, config
 from job.checkpoint import CheckpointError, Checkpointer
 from job.config import Config, TrainConfig
 from job.distributed import Runtime
@@ -15,6 +15,7 @@ from job.optim import build_optimizer, build_scheduler, lr_factor, peak_lr
 from job.registry import promote
 from job.tracking import Tracker
 from senet import senet18
+from tests.conftest import ROOT
 
 CPU = Runtime(rank=0, local_rank=0, world_size=1, local_world_size=1, num_nodes=1, device=torch.device("cpu"),
               backend="gloo")
@@ -172,17 +173,21 @@ def test_a_checkpoint_of_another_model_shape_is_refused():
 # ---- the promotion gate ---------------------------------------------------------------------------------------
 
 class Registry:
-    """The part of MlflowClient that the gate uses: versions with val_acc tags and aliases."""
+    """The part of MlflowClient that the gate uses: versions with val_acc and data_fingerprint tags, and aliases."""
 
-    def __init__(self, versions: dict[str, float]):
+    def __init__(self, versions: dict[str, float], fingerprints: dict[str, str | None] | None = None):
         self.val_acc = versions
+        self.fingerprints = fingerprints or {v: "data-a" for v in versions}
         self.aliases: dict[str, str] = {}
 
     def get_model_version_by_alias(self, name, alias):
         if alias not in self.aliases:
             raise LookupError(f"no alias {alias}")  # MLflow raises an MlflowException
         version = self.aliases[alias]
-        return type("Version", (), {"version": version, "tags": {"val_acc": str(self.val_acc[version])}})
+        tags = {"val_acc": str(self.val_acc[version])}
+        if self.fingerprints[version] is not None:
+            tags["data_fingerprint"] = self.fingerprints[version]
+        return type("Version", (), {"version": version, "tags": tags})
 
     def set_registered_model_alias(self, name, alias, version):
         self.aliases[alias] = version
@@ -190,7 +195,7 @@ class Registry:
 
 def test_first_version_becomes_champion():
     registry = Registry({"1": 0.8})
-    line = promote(registry, "m", "1", 0.8, margin=0.0)
+    line = promote(registry, "m", "1", 0.8, margin=0.0, fingerprint="data-a")
     assert registry.aliases == {"champion": "1"} and "there was no champion" in line
 
 
@@ -200,7 +205,7 @@ def test_first_version_becomes_champion():
 def test_champion_moves_only_when_beaten_by_more_than_the_margin(new, margin, alias):
     registry = Registry({"1": 0.8, "2": new})
     registry.aliases["champion"] = "1"
-    line = promote(registry, "m", "2", new, margin)
+    line = promote(registry, "m", "2", new, margin, fingerprint="data-a")
     assert registry.aliases[alias] == "2" and f"is @{alias}" in line
     assert registry.aliases["champion"] == ("2" if alias == "champion" else "1")
 
@@ -208,8 +213,29 @@ def test_champion_moves_only_when_beaten_by_more_than_the_margin(new, margin, al
 def test_without_validation_a_version_is_never_promoted():
     registry = Registry({"1": 0.8, "2": 0.99})
     registry.aliases["champion"] = "1"
-    assert "is not promoted" in promote(registry, "m", "2", None, 0.0)
+    assert "is not promoted" in promote(registry, "m", "2", None, 0.0, fingerprint="data-a")
     assert registry.aliases == {"champion": "1", "challenger": "2"}
+
+
+@pytest.mark.parametrize("champion_fingerprint", ["data-b", None])
+def test_a_version_on_other_data_never_displaces_the_champion(champion_fingerprint):
+    """A perfect score on other data (or against a champion from before fingerprints) is not comparable."""
+    registry = Registry({"1": 0.8, "2": 1.0}, {"1": champion_fingerprint, "2": "data-a"})
+    registry.aliases["champion"] = "1"
+    line = promote(registry, "m", "2", 1.0, 0.0, fingerprint="data-a")
+    assert registry.aliases == {"champion": "1", "challenger": "2"}
+    assert f"fingerprint {champion_fingerprint or 'none'}, this one data-a" in line and "not compared" in line
+
+
+def test_only_full_cifar10_with_the_standard_split_registers_under_the_production_name():
+    from job.registry import model_name, not_production
+
+    assert not_production(config.load().data) is None and model_name(config.load()) == "senet18-cifar10"
+    for override in ("data.source=synthetic", "data.train_subset=1000", "data.test_subset=100", "data.val_size=2000"):
+        cfg = config.load(overrides=[override])
+        assert model_name(cfg) == "senet18-cifar10-dev" and not_production(cfg.data), override
+    assert model_name(config.load(str(ROOT / "configs" / "smoke.yaml"))) == "senet18-cifar10-dev"
+    assert model_name(config.load(overrides=["data.verify=false", "data.root=/elsewhere"])) == "senet18-cifar10"
 
 
 # ---- the MLflow outage queue ------------------------------------------------------------------------------------

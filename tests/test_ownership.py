@@ -1,0 +1,105 @@
+"""One owner per out_dir, workers that die with their agent, finished runs left alone, resumes that say what
+they change (job/outdir.py, job/host.py, job/checkpoint.py resume_changes)."""
+
+import os
+import signal
+
+import psutil
+import yaml
+
+from tests.conftest import TINY, kill_tree, read_metrics, run_job, start_job, wait_until
+
+LONG = [*TINY, "train.epochs=40"]
+
+
+def test_a_second_launch_on_a_busy_out_dir_refuses_and_the_first_finishes_untouched(tmp_path):
+    out = tmp_path / "out"
+    first = start_job([*TINY, "train.epochs=4", f"train.out_dir={out}"])
+    try:
+        wait_until(lambda: (out / "metrics.jsonl").exists(), proc=first, what="the first launch to train")
+        second = run_job([*TINY, "train.epochs=4", f"train.out_dir={out}"], timeout=120)
+        assert second.returncode == 1 and second.stdout == ""
+        line = second.stderr.strip()
+        assert line.count("\n") == 0, second.stderr
+        assert line.startswith(f"error: train.out_dir {out} is in use by pid {first.pid} on ") and "started 20" in line
+        _, err = first.communicate(timeout=240)
+    finally:
+        kill_tree(first.pid)
+    assert first.returncode == 0, err[-2000:]
+    epochs = [r["epoch"] for r in read_metrics(out) if "epoch" in r and "val_acc" in r]
+    assert epochs == [0, 1, 2, 3]  # no interleaved lines from the refused launch
+    assert (out / "finished.json").exists() and (out / ".owner").read_text() == ""
+
+
+def test_a_dead_owners_file_is_taken_over_with_a_note(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".owner").write_text("pid 999999 on elsewhere (started 2026-01-01T00:00:00+00:00)")  # no lock held
+    result = run_job([*TINY, "train.epochs=1", f"train.out_dir={out}"], timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (f"warning: took over train.out_dir {out} from pid 999999 on elsewhere "
+            f"(started 2026-01-01T00:00:00+00:00), which has ended") in result.stderr
+
+
+def test_workers_stop_with_a_killed_torchrun_agent_and_leave_a_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    agent = start_job([*LONG, f"train.out_dir={out}", "train.checkpoint_every_steps=0"], nproc=2)
+    try:
+        wait_until(lambda: (out / "metrics.jsonl").exists() and len(psutil.Process(agent.pid).children()) == 2,
+                   proc=agent, what="two workers training")
+        workers = psutil.Process(agent.pid).children()
+        os.kill(agent.pid, signal.SIGKILL)  # the agent alone, as the OOM killer would
+        agent.wait()
+        wait_until(lambda: not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers),
+                   timeout=90, what="the orphaned workers to exit")
+        err = agent.stderr.read()
+    finally:
+        kill_tree(agent.pid)
+        for w in workers if "workers" in locals() else []:
+            kill_tree(w.pid)
+    assert "warning: the torchrun agent" in err and "this worker" in err
+    assert "preempted: SIGTERM" in agent.stdout.read()  # they took the stop path: one agreed step, a checkpoint
+    assert (out / "checkpoints" / "last.pt").exists()
+    again = run_job([*TINY, "train.epochs=2", f"train.out_dir={out}"], timeout=180)  # the lock died with them
+    assert "is in use" not in again.stderr
+
+
+def test_a_finished_out_dir_exits_0_and_touches_nothing(tmp_path):
+    out = tmp_path / "out"
+    args = [*TINY, "train.epochs=1", f"train.out_dir={out}"]
+    assert run_job(args, timeout=120).returncode == 0
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".owner"}
+    again = run_job(args, timeout=120)
+    assert again.returncode == 0 and again.stderr == ""
+    assert again.stdout.startswith(f"already finished: {out} (test_acc ") and again.stdout.count("\n") == 1
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".owner"} == before
+    longer = run_job([*TINY, "train.epochs=3", f"train.out_dir={out}"], timeout=120)
+    assert longer.returncode == 1 and longer.stderr.strip() == (
+        f"error: train.out_dir {out} holds a run that finished after 1 epochs; to train on from it use a new "
+        f"out_dir with train.resume={out}/checkpoints/last.pt")
+
+
+def test_a_resume_applies_what_it_can_names_it_and_refuses_the_rest(tmp_path):
+    out = tmp_path / "out"
+    assert run_job([*TINY, "train.epochs=3", "train.stop_after_epochs=2", f"train.out_dir={out}"],
+                   timeout=120).returncode == 0
+    config_before = (out / "config.yaml").read_text()
+    for extra, says in [
+            (["train.lr=0.1", "train.batch_size=128"], "train.batch_size 64 -> 128; train.lr 0.05 -> 0.1"),
+            (["train.momentum=0.5"], "train.momentum 0.9 -> 0.5"),
+            (["train.weight_decay=0"], "train.weight_decay 0.0005 -> 0.0"),
+            (["train.schedule=onecycle"], "train.schedule cosine -> onecycle"),
+            (["train.epochs=1"], "train.epochs 1 (the checkpoint has done 2 epochs)"),
+            (["data.val_size=128"], "data.val_size 256 -> 128")]:
+        refused = run_job([*TINY, "train.epochs=3", f"train.out_dir={out}", *extra], timeout=120)
+        assert refused.returncode == 1 and refused.stdout == "", extra
+        assert refused.stderr.strip() == (f"error: cannot resume {out}/checkpoints/last.pt with {says}: set it "
+                                          f"back, or train from scratch in another train.out_dir")
+        assert (out / "config.yaml").read_text() == config_before  # it tells the truth: nothing changed
+    applied = run_job([*TINY, "train.epochs=4", "train.label_smoothing=0", f"train.out_dir={out}"], timeout=120)
+    assert applied.returncode == 0, applied.stderr[-2000:]
+    assert ("resume: this launch changes train.epochs 3 -> 4, train.label_smoothing 0.1 -> 0.0; they apply from "
+            "here on") in applied.stdout
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["train"]["epochs"] == 4 and saved["train"]["label_smoothing"] == 0.0
+    assert [r["epoch"] for r in read_metrics(out) if "val_acc" in r and "epoch" in r] == [0, 1, 2, 3]
