@@ -22,8 +22,11 @@ class ConfigError(ValueError):
 
 
 def redact(uri: str) -> str:
-    """Hide a password (or token) written into a URI: https://user:secret@host -> https://user:***@host."""
-    return re.sub(r"(//[^/@:]+:)[^/@]+@", r"\1***@", uri)
+    """Hide a password or token written into a URI: https://user:secret@host -> https://user:***@host,
+    https://TOKEN@host -> https://***@host, ?token=... (or key, password, secret, access_token) -> ?token=***."""
+    uri = re.sub(r"(//[^/@:]+:)[^/@]+@", r"\1***@", uri)
+    uri = re.sub(r"//(?![^/@]*\*\*\*@)[^/@:]+@", "//***@", uri)
+    return re.sub(r"([?&](?:token|access_token|key|api_key|password|secret)=)[^&#]*", r"\1***", uri, flags=re.I)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -84,6 +87,7 @@ class DataConfig:
 
     def __post_init__(self):
         _check_types(self, "data")
+        self.root = os.path.expanduser(self.root)
         _require(0 <= self.val_size < 50000, f"data.val_size must be in [0, 50000), got {self.val_size}")
         for key in ("train_subset", "test_subset"):
             value = getattr(self, key)
@@ -156,11 +160,14 @@ class TrainConfig:
     """Timeout of collective operations, seconds."""
     checkpoint_every_steps: int = 0
     """Also write last.pt every N optimizer steps inside an epoch (0 = at epoch ends only)."""
-    stop_signals: list[Signal] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    stop_signals: list[Signal] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGINT"])
     """Signals that make all ranks stop at the next step, checkpoint, and exit 143 (resumable); [] = none."""
 
     def __post_init__(self):
         _check_types(self, "train")
+        self.out_dir = os.path.expanduser(self.out_dir)  # `~/runs` means the home directory, not a folder named ~
+        if self.resume not in ("auto", "never"):
+            self.resume = os.path.expanduser(self.resume)
         _require(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
         _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
         _require(self.ref_batch_size >= 1, f"train.ref_batch_size must be >= 1, got {self.ref_batch_size}")
@@ -271,8 +278,12 @@ def _coerce(key: str, value, annotation):
         if kind is bool and isinstance(value, bool):
             return value
         if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) >= 2**31:  # every count, size and seed here fits; larger ones overflow torch or C
+                raise ConfigError(f"{key} must be below 2**31 in magnitude, got {value}")
             return value
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value) or abs(value) > 1e30:
+                raise ConfigError(f"{key} must be a finite number, got {value!r}")
             return float(value)
         if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
             try:
@@ -328,11 +339,13 @@ def load(path: str | None = None, overrides: list[str] = ()) -> Config:
     tree = {name: {} for name in _sections()}
     if path is not None:
         try:
-            text = Path(path).read_text()
+            text = Path(path).expanduser().read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
         except OSError as e:
             raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}): is it the YAML file?") from None
         try:
             values = yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -340,6 +353,9 @@ def load(path: str | None = None, overrides: list[str] = ()) -> Config:
             line = f" at line {where.line + 1}" if where else ""
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
             raise ConfigError(f"invalid YAML in {path}{line}: {problem}") from None
+        if values is not None and not isinstance(values, dict):  # `false`, a list, a bare word: not "all defaults"
+            raise ConfigError(f"{path} must be a mapping of sections (model, data, train, mlflow), "
+                              f"got {type(values).__name__} {str(values)[:40]!r}")
         _merge(tree, values or {}, path)
     for text in overrides:
         section, name, value, raw = _parse_override(text)

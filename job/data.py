@@ -86,8 +86,9 @@ def download(root: str, url: str, md5: str) -> None:
         raise DataError(f"downloading CIFAR-10 from {url} failed: {reason}") from None
 
 
-def check(root: str, verify: bool) -> None:
-    """Raise DataError unless every standard file is present (and, with verify, has its md5)."""
+def check(root: str, verify: bool, no_verify: str = "set data.verify=false") -> None:
+    """Raise DataError unless every standard file is present (and, with verify, has its md5); no_verify is how
+    the caller's user turns the md5 check off."""
     cifar10, utils = _torchvision_cifar10()
     folder = Path(root) / FOLDER
     for name, md5 in cifar10.train_list + cifar10.test_list:
@@ -96,7 +97,7 @@ def check(root: str, verify: bool) -> None:
             raise DataError(f"CIFAR-10 not found: {path} is missing; {_stage_hint(root)}")
         if verify and not utils.check_integrity(str(path), md5):
             raise DataError(f"CIFAR-10 file {path} fails its md5 check (corrupt or not the original); "
-                            f"delete {folder} and download again, or set data.verify=false for a re-encoded copy")
+                            f"delete {folder} and download again, or {no_verify} for a re-encoded copy")
 
 
 def _present(root: str, verify: bool) -> bool:
@@ -114,11 +115,20 @@ def _read_batches(root: str, names: list[str]) -> tuple[torch.Tensor, torch.Tens
         try:
             with open(path, "rb") as f:
                 entry = pickle.load(f, encoding="latin1")
-            x = torch.as_tensor(entry["data"], dtype=torch.uint8).reshape(-1, 3, 32, 32)
-            y = torch.as_tensor(entry.get("labels", entry.get("fine_labels")), dtype=torch.int64)
+            pixels = entry["data"]
+            raw_labels = entry.get("labels", entry.get("fine_labels"))
         except Exception as e:
             raise DataError(f"cannot read CIFAR-10 file {path} (corrupt or truncated: {type(e).__name__}); "
                             f"delete it and {_stage_hint(root)}") from None
+        dtype, shape = getattr(pixels, "dtype", type(pixels).__name__), getattr(pixels, "shape", ())
+        if str(dtype) != "uint8" or len(shape) != 2 or shape[1] != 3 * 32 * 32:  # a cast would corrupt them silently
+            raise DataError(f"CIFAR-10 file {path} holds {dtype} data of shape {tuple(shape)}, not uint8 images "
+                            f"(N, 3072); delete it and {_stage_hint(root)}")
+        x = torch.as_tensor(pixels).reshape(-1, 3, 32, 32)
+        try:
+            y = torch.as_tensor(raw_labels, dtype=torch.int64)
+        except (TypeError, ValueError, RuntimeError):
+            raise DataError(f"CIFAR-10 file {path} holds malformed labels; delete it and {_stage_hint(root)}") from None
         if len(x) != len(y) or len(y) == 0 or int(y.min()) < 0 or int(y.max()) > 9:
             raise DataError(f"CIFAR-10 file {path} holds malformed data; delete it and {_stage_hint(root)}")
         images.append(x)
@@ -271,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "download":
             download(args.root, args.url, args.md5)
-        check(args.root, verify=not args.no_verify)
+        check(args.root, verify=not args.no_verify, no_verify="pass --no-verify")
         read_cifar10(args.root)
     except DataError as e:
         cli.error(str(e))

@@ -118,10 +118,10 @@ def test_recipes_trains_each_arm_and_seed_and_reports_mean_and_std(tmp_path):
     summary = json.loads((tmp_path / "rec" / "summary.json").read_text())
     runs = {(r["arm"], r["seed"]): r for r in summary["runs"]}
     assert set(runs) == {("w32-base", 0), ("w32-base", 1), ("w32-tta-flip", 0), ("w32-tta-flip", 1)}
-    for (arm, seed), r in runs.items():
+    for (arm, n), r in runs.items():
         assert r["status"] == "finished" and r["epochs_done"] == 1 and 0 <= r["test_acc"] <= 1
-        config = (tmp_path / "rec" / "runs" / f"{arm}-s{seed}" / "config.yaml").read_text()
-        assert f"seed: {seed}" in config and "width: 8" in config  # the trailing overrides win over the arm's
+        config = (tmp_path / "rec" / "runs" / f"{arm}-s{n}" / "config.yaml").read_text()
+        assert f"seed: {n}" in config and "width: 8" in config  # the trailing overrides win over the arm's
         assert ("tta: flip" if arm == "w32-tta-flip" else "tta: none") in config
     tests = [runs["w32-base", s]["test_acc"] for s in (0, 1)]
     row = next(line for line in done.stdout.splitlines() if line.startswith("| w32-base |"))

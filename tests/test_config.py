@@ -19,7 +19,7 @@ def test_defaults_are_the_dataclasses():
     assert cfg == Config()
     assert (cfg.model.depth, cfg.model.width, cfg.model.reduction) == (18, 64, 16)
     assert cfg.train.resume == "auto" and cfg.data.source == "cifar10"
-    assert cfg.train.stop_signals == ["SIGTERM", "SIGUSR1"]
+    assert cfg.train.stop_signals == ["SIGTERM", "SIGUSR1", "SIGINT"]
 
 
 def test_yaml_then_overrides_win(tmp_path):
@@ -213,12 +213,39 @@ def test_empty_file_is_the_defaults(tmp_path):
     (["train.epochz=1"], "error: unknown key train.epochz — did you mean train.epochs?"),
     (["--config", "missing.yaml"], "error: config file not found: missing.yaml"),
     (["train.lr=-0.1"], "error: train.lr must be > 0, got -0.1"),
+    (["train.lr=.inf"], "error: train.lr must be a finite number, got inf"),
+    (["train.lr=.nan"], "error: train.lr must be a finite number, got nan"),
+    (["train.seed=99999999999999999999"], "error: train.seed must be below 2**31 in magnitude, got 99999999999999999999"),
+    (["--config", "false.yaml"], "error: false.yaml must be a mapping of sections (model, data, train, mlflow), "
+                                 "got bool 'False'"),
+    (["--config", "list.yaml"], "error: list.yaml must be a mapping of sections (model, data, train, mlflow), "
+                                "got list \"['train', 'epochs']\""),
+    (["--config", "latin1.yaml"], "error: config file latin1.yaml is not UTF-8 text (byte 3): is it the YAML file?"),
 ])
 def test_cli_prints_one_line_and_exits_non_zero(tmp_path, args, message):
+    (tmp_path / "false.yaml").write_text("false\n")  # once meant "all defaults": a 200-epoch run
+    (tmp_path / "list.yaml").write_text("- train\n- epochs\n")
+    (tmp_path / "latin1.yaml").write_bytes("# réglages\ntrain:\n  epochs: 3\n".encode("latin-1"))
     result = run_job([*args, f"train.out_dir={tmp_path / 'out'}"], cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == message
     assert not (tmp_path / "out").exists()  # failed before any work
+
+
+def test_a_tilde_in_a_path_means_the_home_directory():
+    cfg = config.load(overrides=["train.out_dir=~/runs/a", "data.root=~/data", "train.resume=~/ckpt/last.pt"])
+    home = os.path.expanduser("~")
+    assert (cfg.train.out_dir, cfg.data.root, cfg.train.resume) == (f"{home}/runs/a", f"{home}/data",
+                                                                     f"{home}/ckpt/last.pt")
+    assert config.load(overrides=["train.resume=auto"]).train.resume == "auto"
+
+
+def test_a_token_in_the_tracking_uri_is_refused_and_redacted():
+    for uri, shown in [("https://dapi123abc@mlflow.example.com", "https://***@mlflow.example.com"),
+                       ("https://mlflow.example.com/?token=abc&x=1", "https://mlflow.example.com/?token=***&x=1")]:
+        with pytest.raises(ConfigError) as info:
+            config.load(overrides=[f"mlflow.tracking_uri={uri}"])
+        assert shown in str(info.value) and "abc" not in str(info.value)
 
 
 def test_print_config_shows_the_resolved_config(tmp_path):

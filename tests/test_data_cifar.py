@@ -226,6 +226,24 @@ def test_truncated_batch_is_a_one_line_data_error(fake, capsys):
     assert err.count("\n") == 1 and err.startswith("error: ") and str(path) in err
 
 
+def test_float_pixels_are_refused_not_cast_and_verify_names_its_own_flag(fake, capsys):
+    """A batch whose data is float (a user's own export) was cast to 0/1 pixels and called ready."""
+    root, _ = fake
+    path = root / fakecifar.FOLDER / "data_batch_2"
+    with open(path, "rb") as f:
+        entry = pickle.load(f, encoding="latin1")
+    entry["data"] = entry["data"].astype("float32") / 255
+    path.write_bytes(pickle.dumps(entry, protocol=2))
+    with pytest.raises(DataError) as info:
+        data.read_cifar10(str(root))
+    assert str(info.value) == (f"CIFAR-10 file {path} holds float32 data of shape ({len(entry['data'])}, 3072), "
+                               f"not uint8 images (N, 3072); delete it and pre-stage it with `python -m job.data "
+                               f"download --root {root}` on a machine with internet (or set data.download=true)")
+    assert data.main(["verify", "--root", str(root)]) == 1  # md5 first: the hint is the command's own flag
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pass --no-verify for a re-encoded copy" in err and "data.verify" not in err
+
+
 # --- python -m job.data download ------------------------------------------------------------------------
 
 
