@@ -1,5 +1,6 @@
 """Signals and kills mid-epoch: all ranks stop at one step, checkpoint, and the resume is bit for bit."""
 
+import os
 import signal
 import subprocess
 
@@ -40,13 +41,18 @@ def restarted_worker(proc, attempt: int) -> list[psutil.Process]:
         return []
 
 
-@pytest.mark.parametrize("signum,target", [(signal.SIGUSR1, "rank 1"), (signal.SIGTERM, "torchrun")])
+@pytest.mark.parametrize("signum,target", [(signal.SIGUSR1, "rank 1"), (signal.SIGTERM, "torchrun"),
+                                           (signal.SIGINT, "group")])
 def test_signal_stops_every_rank_at_one_step_and_resume_is_exact(straight, tmp_path, signum, target):
-    """SIGUSR1 to one worker (as Slurm sends it) or SIGTERM to torchrun (as Kubernetes does)."""
+    """SIGUSR1 to one worker (as Slurm sends it), SIGTERM to torchrun (as Kubernetes does), or SIGINT to the
+    whole process group (Ctrl-C at a terminal)."""
     out = tmp_path / "out"
     proc = launch(out)
     wait_until(lambda: last_step(out)[0] >= 1, proc=proc, what="epoch 1's checkpoint")  # inside epoch 2
-    (worker(proc, 1) if target == "rank 1" else psutil.Process(proc.pid)).send_signal(signum)
+    if target == "group":
+        os.killpg(proc.pid, signum)
+    else:
+        (worker(proc, 1) if target == "rank 1" else psutil.Process(proc.pid)).send_signal(signum)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0  # never mistaken for a finished job
     assert "preempted: " in stdout and f"exiting {PREEMPTED_EXIT_CODE}" in stdout
