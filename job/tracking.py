@@ -6,6 +6,7 @@ rank 0 only, and only when enabled. A tracking server that goes away mid-run nev
 epochs that could not be sent wait in a queue and go out when it answers again (at the latest in close()).
 """
 
+import contextlib
 import datetime
 import json
 import os
@@ -66,6 +67,10 @@ class Tracker:
         self.tags: dict[str, str] = {}  # the run's tags (run_tags), set when the run opens
         self.pending: list[dict] = []  # records not yet accepted by the tracking server
         self.offline_warned = False
+        self.retry_at, self.backoff_s = 0.0, BACKOFF_S[0]  # after a failed send, no new try before retry_at
+        self.flushed = None  # None: not tried; True/False: whether the one bounded end-of-run flush got through
+        self.lost: list[str] = []  # what did not reach MLflow (the exit code says so: INCOMPLETE_EXIT_CODE)
+        self.stop = None  # the StopSignal: waits end early when a stop signal arrives
 
     # ---- console ------------------------------------------------------------------------------------
     def info(self, message: str) -> None:
@@ -165,20 +170,30 @@ class Tracker:
         self._send()
         self.info(f"mlflow: run {self.run_id} in experiment {self.cfg.mlflow.experiment!r} at {redact(uri)}")
 
-    def _send(self) -> bool:
-        """Send queued epoch records in order; on failure keep them, warn once, and carry on."""
+    def _send(self, now: bool = False) -> bool:
+        """Send queued epoch records in order; on failure keep them, warn once, and carry on.
+
+        During training each try is one short request (QUICK: no retries, a 5 s timeout) and a failure backs off
+        (BACKOFF_S) before the next, so a gone or hung server costs an epoch at most one short wait; now=True
+        (the end-of-run flush) tries regardless of the back-off."""
+        if self.pending and not now and time.monotonic() < self.retry_at:
+            return False
         while self.pending:
             record = self.pending[0]
             metrics = {k: v for k, v in record.items() if k != "epoch" and v is not None}
             try:
-                self.mlflow.log_metrics(metrics, step=record["epoch"])
+                with _environ(QUICK):
+                    self.mlflow.log_metrics(metrics, step=record["epoch"])
             except Exception as e:
                 if not self.offline_warned:
                     self.warn(f"MLflow unreachable ({first_line(e)}); training goes on, metrics.jsonl keeps every "
                               f"epoch, and they are sent when the server is back")
                     self.offline_warned = True
+                self.retry_at = time.monotonic() + self.backoff_s
+                self.backoff_s = min(self.backoff_s * 2, BACKOFF_S[1])
                 return False
             self.pending.pop(0)
+            self.backoff_s = BACKOFF_S[0]
             if self.offline_warned:
                 self.info("mlflow: tracking server is back; queued epochs sent")
                 self.offline_warned = False
@@ -213,7 +228,10 @@ class Tracker:
         out = Path(self.cfg.train.out_dir)
         artifacts = [out / "config.yaml", self.metrics_path, plots.learning_curves(history, out / "learning_curves.png"),
                      plots.confusion_matrix(confusion, CLASSES, out / "confusion_matrix.png"), checkpoint]
-        if not self.mlflow or not self._flush():
+        if not self.mlflow:
+            return
+        if not self._flush():
+            self.lost.append("the final metrics and artifacts")
             return
         try:
             self.mlflow.log_metrics({k: v for k, v in record.items() if isinstance(v, (int, float))})
@@ -222,23 +240,34 @@ class Tracker:
         except Exception as e:
             self.warn(f"MLflow: could not log the final metrics and artifacts ({first_line(e)}); "
                       f"they are in {out}")
+            self.lost.append("the final metrics and artifacts")
 
     def _flush(self) -> bool:
-        """Retry queued epochs until they are sent or mlflow.flush_timeout_s has passed."""
+        """Send the queued epochs, retrying for at most mlflow.flush_timeout_s, once per run (a second call
+        returns the first's answer); a stop signal ends the wait at once."""
+        if self.flushed is not None:
+            return self.flushed and self._send(now=True)
         deadline = time.monotonic() + self.cfg.mlflow.flush_timeout_s
-        while not self._send():
-            if time.monotonic() > deadline:
-                self.warn(f"MLflow still unreachable after {self.cfg.mlflow.flush_timeout_s}s: "
-                          f"{len(self.pending)} epoch(s) not sent; they are in {self.metrics_path}")
+        while not self._send(now=True):
+            stopped = self.stop is not None and self.stop.received
+            if stopped or time.monotonic() > deadline:
+                why = f"{stopped} received" if stopped else f"still unreachable after {self.cfg.mlflow.flush_timeout_s}s"
+                self.warn(f"MLflow {why}: {len(self.pending)} epoch(s) not sent; they are in {self.metrics_path}")
+                self.lost.append(f"{len(self.pending)} epoch(s)")
+                self.flushed = False
                 return False
-            time.sleep(2)
+            time.sleep(1)
+        self.flushed = True
         return True
 
     def register(self, weights: dict, example: torch.Tensor, val_acc: float | None, test_acc: float,
                  data_fingerprint: str) -> None:
         """Log the model (best.pt's weights to predict with) to the run, register it, and move @champion or
         @challenger (job/registry.py)."""
-        if not (self.active and self.mlflow and not self.pending):
+        if not (self.active and self.mlflow):
+            return
+        if self.pending:
+            self.lost.append("the registered model")
             return
         from job import registry
 
@@ -250,6 +279,7 @@ class Tracker:
                                                    "data_fingerprint": data_fingerprint})
         except Exception as e:
             self.warn(f"MLflow: registering the model failed ({first_line(e)}); best.pt is in {self.cfg.train.out_dir}")
+            self.lost.append("the registered model")
             return
         self.info(line)
 
@@ -260,9 +290,40 @@ class Tracker:
         if self.pending:
             self._flush()
         try:
-            self.mlflow.end_run(status=status)
+            with _environ(QUICK):
+                self.mlflow.end_run(status=status)
         except Exception as e:
             self.warn(f"MLflow: could not mark run {self.run_id} {status} ({first_line(e)})")
+            self.lost.append(f"the run's {status} status")
+
+    @property
+    def complete(self) -> bool:
+        """Whether everything this job meant to log reached MLflow (true without MLflow)."""
+        return not self.lost
+
+
+# During training, MLflow's own waits (7 retries with back-off, 120 s timeouts: minutes per call against a hung
+# server) are replaced by one short try; Tracker backs off between tries instead.
+QUICK = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+BACKOFF_S = (10.0, 300.0)  # first and longest pause between tries after a failed send
+# The exit code of a job that trained and saved everything but could not log all of it to MLflow
+# (metrics.jsonl and the checkpoints have it): not 0, so that nobody believes the registry is up to date.
+INCOMPLETE_EXIT_CODE = 3
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    """Set environment variables for a block (the user's own settings win)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: os.environ.get(k, v) for k, v in values.items()})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _has_module(name: str) -> bool:

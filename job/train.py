@@ -30,7 +30,7 @@ from job.outdir import OutDirError, Ownership
 from job.loop import Parts, TrainState, autocast_dtype, make_ema, train_one_epoch
 from job.optim import build_optimizer, build_scheduler
 from job.preemption import PREEMPTED_EXIT_CODE, Preempted, StopSignal
-from job.tracking import Tracker, TrackingError
+from job.tracking import INCOMPLETE_EXIT_CODE, Tracker, TrackingError
 from senet import senet
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, LaunchError, TrackingError, OutDirError)
@@ -211,22 +211,23 @@ def finish(parts: Parts, splits: Splits, cfg: Config, runtime: Runtime, state: T
                                                  "best_val_acc": state.best_val_acc, "mlflow_run_id": tracker.run_id})
 
 
-def run(cfg: Config, runtime: Runtime, config_path: str | None) -> None:
-    """Check the launch, build, train, then test the best model; the MLflow run ends with the outcome."""
+def run(cfg: Config, runtime: Runtime, config_path: str | None) -> bool:
+    """Check the launch, build, train, then test the best model; the MLflow run ends with the outcome.
+    Returns False when the job's results are complete on disk but not all of them reached MLflow."""
     t = cfg.train
     if t.batch_size % runtime.world_size:  # before any data is read
         raise ConfigError(f"train.batch_size {t.batch_size} is not divisible by the world size {runtime.world_size}")
     use_sync_bn(t.sync_bn, t.batch_size // runtime.world_size, runtime)  # refuses true on the CPU, now
     ownership = own_out_dir(t.out_dir, runtime)  # held until this process ends
     try:
-        if not already_finished(cfg, runtime):
-            train_out_dir(cfg, runtime, config_path)
+        return already_finished(cfg, runtime) or train_out_dir(cfg, runtime, config_path)
     finally:
         ownership.release()
 
 
-def train_out_dir(cfg: Config, runtime: Runtime, config_path: str | None) -> None:
-    """Resume or start the run in out_dir (owned by this launch), train it, test and register the best model."""
+def train_out_dir(cfg: Config, runtime: Runtime, config_path: str | None) -> bool:
+    """Resume or start the run in out_dir (owned by this launch), train it, test and register the best model.
+    Returns whether everything meant for MLflow reached it (rank 0 knows; the others say True)."""
     t = cfg.train
     found = checkpoint.resume_from(t.resume, t.out_dir, warn=cli.warning)
     resume_path, saved = found if found else (None, None)
@@ -256,6 +257,7 @@ def train_out_dir(cfg: Config, runtime: Runtime, config_path: str | None) -> Non
     parts = build(cfg, runtime, steps, saved)
     checkpoints = Checkpointer(t.out_dir, runtime, cfg.to_dict())
     stop = StopSignal(t.stop_signals, runtime.backend)
+    tracker.stop = stop
 
     state.mlflow_run_id = tracker.open(state.history, state.mlflow_run_id)
     status = "FAILED"
@@ -272,6 +274,10 @@ def train_out_dir(cfg: Config, runtime: Runtime, config_path: str | None) -> Non
         raise
     finally:
         tracker.close(status)
+    if not tracker.complete:
+        cli.error(f"not everything reached MLflow ({', '.join(tracker.lost)}); {t.out_dir} holds all of it "
+                  f"(metrics.jsonl, checkpoints); exiting {INCOMPLETE_EXIT_CODE}")
+    return tracker.complete
 
 
 @record
@@ -289,8 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         runtime = distributed.setup(cfg.train.device, cfg.train.timeout_s)
         host.tune(cfg.train, runtime)
         host.exit_with_launcher()
-        run(cfg, runtime, args.config)
-        return 0
+        return 0 if run(cfg, runtime, args.config) else INCOMPLETE_EXIT_CODE
     except USER_ERRORS as e:
         cli.error(str(e))
         return 2 if isinstance(e, ConfigError) else 1

@@ -2,7 +2,9 @@
 
 import json
 import os
+import signal
 import subprocess
+import time
 
 import pytest
 import torch
@@ -298,6 +300,29 @@ def test_server_gone_mid_run_loses_nothing(tmp_path):
     finally:
         kill_tree(proc.pid)
         server.stop()
+
+
+def test_server_gone_for_good_ends_in_one_bounded_wait_that_sigterm_cuts_short_and_exit_3(tmp_path):
+    (tmp_path / "mlflow").mkdir()
+    server = MlflowServer(tmp_path / "mlflow").start()
+    out = tmp_path / "out"
+    args = [*TRACKED, f"mlflow.tracking_uri={server.uri}", "mlflow.experiment=gone", "train.epochs=3",
+            "mlflow.registered_model=gone", "mlflow.flush_timeout_s=600", f"train.out_dir={out}"]
+    proc = start_job(args)
+    try:
+        wait_for_epoch(out, 0, proc)
+        server.stop()
+        wait_until(lambda: "test_acc" in (out / "metrics.jsonl").read_text(), proc=proc, what="the final record")
+        time.sleep(2)  # inside the end-of-run flush, which would wait mlflow.flush_timeout_s (10 minutes)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        kill_tree(proc.pid)
+        server.stop()
+    assert proc.returncode == 3, stderr[-3000:]
+    assert stderr.count("warning: MLflow SIGTERM received:") == 1 and "still unreachable" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("error: not everything reached MLflow (")
+    assert "exiting 3" in stderr and read_metrics(out)[-1]["test_acc"] > 0  # everything is on disk
 
 
 def wait_for_epoch(out, epoch: int, proc) -> None:

@@ -2,6 +2,8 @@
 the LR schedule, the resume choice, the checkpoint's parts, the TrainState, the promotion gate, the outage queue."""
 
 import math
+import os
+import time
 
 import pytest
 import torch
@@ -241,37 +243,74 @@ def test_only_full_cifar10_with_the_standard_split_registers_under_the_productio
 # ---- the MLflow outage queue ------------------------------------------------------------------------------------
 
 class FlakyMlflow:
-    """Stands in for the mlflow module: log_metrics fails while `down` is set, else records (step, metrics)."""
+    """Stands in for the mlflow module: log_metrics fails while `down` is set, else records (step, metrics); every
+    call records MLflow's retry setting at that moment."""
 
     def __init__(self):
-        self.down, self.logged = False, []
+        self.down, self.logged, self.tries = False, [], []
 
     def log_metrics(self, metrics, step=None):
+        self.tries.append(os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES"))
         if self.down:
             raise ConnectionError("Connection refused\nretries exhausted")
         self.logged.append((step, metrics))
 
 
-def test_epochs_queue_while_the_server_is_away_and_go_out_in_order(tmp_path, capsys):
+RECORD = {"train_loss": 1.0, "train_acc": 0.5, "val_loss": None, "val_acc": None, "lr": 0.1, "images_per_sec": 1.0,
+          "epoch_time_s": 1.0}
+
+
+def flaky_tracker(tmp_path, flush_timeout_s: int = 300) -> Tracker:
     cfg = Config()
-    cfg.train.out_dir = str(tmp_path)
+    cfg.train.out_dir, cfg.mlflow.flush_timeout_s = str(tmp_path), flush_timeout_s
     tracker = Tracker(cfg, CPU)
     tracker.mlflow = FlakyMlflow()
-    record = {"train_loss": 1.0, "train_acc": 0.5, "val_loss": None, "val_acc": None, "lr": 0.1,
-              "images_per_sec": 1.0, "epoch_time_s": 1.0}
-    tracker.log_epoch({"epoch": 0, **record}, epochs=4, eta_s=0)
+    return tracker
+
+
+def test_epochs_queue_while_the_server_is_away_and_go_out_in_order(tmp_path, capsys, monkeypatch):
+    tracker = flaky_tracker(tmp_path)
+    clock = [1000.0]
+    monkeypatch.setattr("job.tracking.time.monotonic", lambda: clock[0])
+    tracker.log_epoch({"epoch": 0, **RECORD}, epochs=5, eta_s=0)
     tracker.mlflow.down = True
-    tracker.log_epoch({"epoch": 1, **record}, epochs=4, eta_s=0)
-    tracker.log_epoch({"epoch": 2, **record}, epochs=4, eta_s=0)
-    assert [r["epoch"] for r in tracker.pending] == [1, 2]
+    for epoch in (1, 2, 3):
+        tracker.log_epoch({"epoch": epoch, **RECORD}, epochs=5, eta_s=0)
+        clock[0] += 4
+    assert [r["epoch"] for r in tracker.pending] == [1, 2, 3]
+    assert len(tracker.mlflow.tries) == 2  # epoch 0 went out, epoch 1 failed, epochs 2 and 3 waited out the back-off
+    assert tracker.mlflow.tries == ["0", "0"]  # one short request each: no MLflow retries inside an epoch
     err = capsys.readouterr().err
     assert err.count("warning: MLflow unreachable (Connection refused)") == 1  # once, first line of the reason
     tracker.mlflow.down = False
-    tracker.log_epoch({"epoch": 3, **record}, epochs=4, eta_s=0)
-    assert [step for step, _ in tracker.mlflow.logged] == [0, 1, 2, 3] and not tracker.pending
+    clock[0] += 20  # past the (doubled) back-off
+    tracker.log_epoch({"epoch": 4, **RECORD}, epochs=5, eta_s=0)
+    assert [step for step, _ in tracker.mlflow.logged] == [0, 1, 2, 3, 4] and not tracker.pending
     assert "val_acc" not in tracker.mlflow.logged[0][1]  # None values are not sent
     assert "tracking server is back" in capsys.readouterr().out
-    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4  # the file has every epoch throughout
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 5  # the file has every epoch throughout
+    assert tracker.complete
+
+
+def test_the_end_of_run_flush_waits_once_and_a_stop_signal_ends_it(tmp_path, capsys):
+    tracker = flaky_tracker(tmp_path, flush_timeout_s=1)
+    tracker.mlflow.down = True
+    tracker.log_epoch({"epoch": 0, **RECORD}, epochs=1, eta_s=0)
+    started = time.monotonic()
+    assert not tracker._flush() and 1 <= time.monotonic() - started < 5
+    started = time.monotonic()
+    assert not tracker._flush() and time.monotonic() - started < 0.5  # the second call does not wait again
+    assert not tracker.complete and tracker.lost == ["1 epoch(s)"]
+    assert capsys.readouterr().err.count("still unreachable after 1s: 1 epoch(s) not sent") == 1
+
+    stopped = flaky_tracker(tmp_path / "b", flush_timeout_s=300)
+    (tmp_path / "b").mkdir()
+    stopped.mlflow.down = True
+    stopped.log_epoch({"epoch": 0, **RECORD}, epochs=1, eta_s=0)
+    stopped.stop = type("Stop", (), {"received": "SIGTERM"})()
+    started = time.monotonic()
+    assert not stopped._flush() and time.monotonic() - started < 0.5
+    assert "MLflow SIGTERM received: 1 epoch(s) not sent" in capsys.readouterr().err
 
 
 def test_the_data_folder_is_torchvisions():
