@@ -146,16 +146,25 @@ class Tracker:
             raise TrackingError(f"MLflow tracking URI {redact(uri)} cannot be used: {first_line(e)}") from None
         # its id, passed on explicitly: when two jobs create the experiment at once, MLflow's set_experiment
         # returns it from the losing side without making it active, and start_run would use "Default"
-        experiment = mlflow.set_experiment(self.cfg.mlflow.experiment)
+        name = self.cfg.mlflow.experiment
+        try:
+            experiment = mlflow.set_experiment(name)
+        except Exception as e:  # deleted (MLflow keeps the name until it is purged), or refused
+            raise TrackingError(f"MLflow experiment {name!r} cannot be used: {first_line(e)} (restore it, or choose "
+                                f"another mlflow.experiment)") from None
         if run_id is not None:
             try:
-                status = client.get_run(run_id).info.status
+                found = client.get_run(run_id)
             except Exception:
                 self.warn(f"MLflow run {run_id} of the checkpoint is not at {redact(uri)}; starting a new run")
-                run_id = None
+                self.tags["continues_run"], run_id = run_id, None
             else:
-                if status == "FINISHED":  # a finished run's record is final: never reopened
-                    self.warn(f"MLflow run {run_id} of the checkpoint has FINISHED; starting a new run")
+                why = ("has FINISHED" if found.info.status == "FINISHED"  # a finished run's record is final
+                       else "was deleted" if found.info.lifecycle_stage == "deleted"
+                       else "is in another experiment (renamed?)" if found.info.experiment_id != experiment.experiment_id
+                       else None)
+                if why:
+                    self.warn(f"MLflow run {run_id} of the checkpoint {why}; starting a new run")
                     self.tags["continues_run"], run_id = run_id, None
         system_metrics = _has_module("psutil")
         run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment.experiment_id,

@@ -156,6 +156,34 @@ def test_a_smoke_run_never_touches_the_production_names_champion(mlflow_server, 
     assert client.get_registered_model("prod").aliases == {"champion": real.version}
 
 
+def test_a_deleted_experiment_is_one_line_or_a_warning_when_not_required(mlflow_server, tmp_path):
+    client = mlflow_server.client()
+    client.delete_experiment(client.create_experiment("deleted"))
+    args = [*tracked(mlflow_server, "deleted", "train.epochs=1")]
+    failed = run_job([*args, f"train.out_dir={tmp_path}/a"])
+    assert failed.returncode == 1 and not (tmp_path / "a" / "checkpoints").exists()
+    assert failed.stderr.strip().startswith("error: MLflow experiment 'deleted' cannot be used: ")
+    assert failed.stderr.strip().count("\n") == 0
+    lenient = run_job([*args, "mlflow.required=false", f"train.out_dir={tmp_path}/b"])
+    assert lenient.returncode == 0, lenient.stderr[-2000:]
+    assert "warning: MLflow experiment 'deleted' cannot be used" in lenient.stderr and "mlflow.required=false" in lenient.stderr
+
+
+def test_a_run_deleted_under_a_resumable_job_gives_a_new_run(mlflow_server, tmp_path):
+    out = tmp_path / "out"
+    args = tracked(mlflow_server, "deleted-run", "train.epochs=2", f"train.out_dir={out}")
+    assert run_job([*args, "train.stop_after_epochs=1"]).returncode == 0
+    client = mlflow_server.client()
+    first = only_run(client, "deleted-run").info.run_id
+    client.delete_run(first)
+    resumed = run_job(args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"warning: MLflow run {first} of the checkpoint was deleted; starting a new run" in resumed.stderr
+    run = only_run(client, "deleted-run")  # search_runs leaves deleted runs out
+    assert run.info.run_id != first and run.data.tags["continues_run"] == first
+    assert steps(client, run.info.run_id) == [0, 1]
+
+
 def test_a_registry_name_mlflow_would_refuse_is_refused_before_training(tmp_path):
     result = run_job([*TRACKED, "mlflow.registered_model=team/senet", f"train.out_dir={tmp_path}/out"])
     assert result.returncode == 2 and not (tmp_path / "out").exists()
