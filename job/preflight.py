@@ -3,7 +3,8 @@
     torchrun ... -m job.preflight [--config FILE] [section.key=value ...]     (the same arguments as job.train)
 
 Rendezvous, an all-reduce across every rank (with its bus bandwidth), each local rank's device, the data,
-out_dir writable, MLflow reachable. Rank 0 prints a pass/fail table; the exit code is 1 if any check failed.
+out_dir writable, job.train's own start checks (batch and world size, data size, out_dir's owner, a finished
+run, the checkpoint to resume and what would change in it), MLflow reachable with a usable experiment. Rank 0 prints a pass/fail table; the exit code is 1 if any check failed.
 """
 
 import argparse
@@ -64,17 +65,56 @@ def check_out_dir(cfg: config.Config) -> str:
     return f"{out} writable"
 
 
+def check_start(cfg: config.Config, runtime: Runtime) -> str:
+    """job.train's own start checks: batch vs world size, SyncBN, data size, out_dir's owner, finished state,
+    the checkpoint to resume and what this launch would change in it."""
+    from job import train
+    from job.outdir import Ownership, finished
+
+    train.check_launch(cfg, runtime)
+    images = _training_images(cfg)
+    steps = train.steps_per_epoch(cfg, runtime, images)
+    done = finished(cfg.train.out_dir)
+    if done is not None:
+        if cfg.train.epochs > done["epochs"]:
+            raise ConfigError(f"train.out_dir holds a run finished after {done['epochs']} epochs; train.epochs "
+                              f"{cfg.train.epochs} needs a new out_dir")
+        return f"out_dir holds a finished run (test_acc {done['test_acc']:.4f}): job.train would exit 0 at once"
+    ownership = Ownership(cfg.train.out_dir)
+    probe = not ownership.path.exists()
+    ownership.acquire()  # raises the owner's name if a launch holds it
+    ownership.release()
+    if probe:
+        ownership.path.unlink()
+    path, _, changes = train.check_resume(cfg)
+    resume = (f"resumes {path}" + (f", changing {', '.join(changes)}" if changes else "")) if path else "starts fresh"
+    return f"{images} training images, {steps} steps per epoch; {resume}"
+
+
+def _training_images(cfg: config.Config) -> int:
+    """How many images the training split will hold (the files are read, as job.train will)."""
+    total = 50000 if cfg.data.source == "synthetic" else len(data.read_cifar10(cfg.data.root)[0][1])
+    available = max(0, total - cfg.data.val_size)
+    return available if cfg.data.train_subset is None else min(available, cfg.data.train_subset)
+
+
 def check_mlflow(cfg: config.Config) -> str:
     if not cfg.mlflow.enabled:
         return "mlflow.enabled=false: skipped"
+    from job.registry import model_name
     from job.tracking import fail_fast, tracking_uri
 
     fail_fast()
     import mlflow
 
     uri = tracking_uri(cfg.mlflow.tracking_uri)
-    mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-    return f"{config.redact(uri)} answers"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    client.search_experiments(max_results=1)
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+    if experiment is not None and experiment.lifecycle_stage == "deleted":
+        raise RuntimeError(f"experiment {cfg.mlflow.experiment!r} is deleted: restore it or choose another")
+    state = "exists" if experiment is not None else "will be created"
+    return f"{config.redact(uri)} answers; experiment {cfg.mlflow.experiment!r} {state}; registers as {model_name(cfg)}"
 
 
 def run_checks(cfg: config.Config, runtime: Runtime, rendezvous_s: float) -> list[tuple[str, bool, str]]:
@@ -85,7 +125,7 @@ def run_checks(cfg: config.Config, runtime: Runtime, rendezvous_s: float) -> lis
     if runtime.local_rank == 0:
         checks += [("data", lambda: check_data(cfg)), ("out_dir", lambda: check_out_dir(cfg))]
     if runtime.is_main:
-        checks.append(("mlflow", lambda: check_mlflow(cfg)))
+        checks += [("start", lambda: check_start(cfg, runtime)), ("mlflow", lambda: check_mlflow(cfg))]
     for name, check in checks:
         try:
             results.append((name, True, check()))

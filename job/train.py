@@ -44,6 +44,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_launch(cfg: Config, runtime: Runtime) -> None:
+    """What a launch must fit before anything is read or written (job.preflight runs it too)."""
+    t = cfg.train
+    if t.batch_size % runtime.world_size:
+        raise ConfigError(f"train.batch_size {t.batch_size} is not divisible by the world size {runtime.world_size}")
+    use_sync_bn(t.sync_bn, t.batch_size // runtime.world_size, runtime)  # refuses true on the CPU, now
+
+
+def check_resume(cfg: Config) -> tuple[Path | None, dict | None, list[str]]:
+    """(checkpoint path, its state, the settings this launch changes in it) per train.resume, or (None, None, [])
+    to start fresh; raises the one line of a checkpoint this config cannot resume (job.preflight runs it too)."""
+    found = checkpoint.resume_from(cfg.train.resume, cfg.train.out_dir, warn=cli.warning)
+    if not found:
+        return None, None, []
+    path, saved = found
+    checkpoint.check_compatible(saved, cfg, path)
+    return path, saved, checkpoint.resume_changes(saved, cfg, path)
+
+
 def own_out_dir(out_dir: str, runtime: Runtime) -> Ownership:
     """Rank 0 takes out_dir for this launch (job/outdir.py) or every rank raises the one line naming its owner."""
     ownership, error = Ownership(out_dir), None
@@ -215,9 +234,7 @@ def run(cfg: Config, runtime: Runtime, config_path: str | None) -> bool:
     """Check the launch, build, train, then test the best model; the MLflow run ends with the outcome.
     Returns False when the job's results are complete on disk but not all of them reached MLflow."""
     t = cfg.train
-    if t.batch_size % runtime.world_size:  # before any data is read
-        raise ConfigError(f"train.batch_size {t.batch_size} is not divisible by the world size {runtime.world_size}")
-    use_sync_bn(t.sync_bn, t.batch_size // runtime.world_size, runtime)  # refuses true on the CPU, now
+    check_launch(cfg, runtime)
     ownership = own_out_dir(t.out_dir, runtime)  # held until this process ends
     try:
         return already_finished(cfg, runtime) or train_out_dir(cfg, runtime, config_path)
@@ -229,12 +246,7 @@ def train_out_dir(cfg: Config, runtime: Runtime, config_path: str | None) -> boo
     """Resume or start the run in out_dir (owned by this launch), train it, test and register the best model.
     Returns whether everything meant for MLflow reached it (rank 0 knows; the others say True)."""
     t = cfg.train
-    found = checkpoint.resume_from(t.resume, t.out_dir, warn=cli.warning)
-    resume_path, saved = found if found else (None, None)
-    changes = []
-    if saved:
-        checkpoint.check_compatible(saved, cfg, resume_path)
-        changes = checkpoint.resume_changes(saved, cfg, resume_path)
+    resume_path, saved, changes = check_resume(cfg)
     splits = data.load_splits(cfg.data, runtime)  # before out_dir: a launch that fails here changes nothing
     steps = steps_per_epoch(cfg, runtime, len(splits.train_y))
     prepare_out_dir(cfg, runtime)
