@@ -18,6 +18,7 @@ import torch
 
 from job import cli
 from job.cli import first_line
+from job.checkpoint import CheckpointError
 from job.clock import StepClock
 from job.config import Config, redact
 from job.distributed import Runtime, all_agree
@@ -235,8 +236,13 @@ class Tracker:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         out = Path(self.cfg.train.out_dir)
-        artifacts = [out / "config.yaml", self.metrics_path, plots.learning_curves(history, out / "learning_curves.png"),
-                     plots.confusion_matrix(confusion, CLASSES, out / "confusion_matrix.png"), checkpoint]
+        try:
+            figures = [plots.learning_curves(history, out / "learning_curves.png"),
+                       plots.confusion_matrix(confusion, CLASSES, out / "confusion_matrix.png")]
+        except OSError as e:  # a full disk fails here as it does for a checkpoint: one line
+            raise CheckpointError(f"cannot write the figures in {out}: {e.strerror or e}; the checkpoints and "
+                                  f"metrics.jsonl are intact") from None
+        artifacts = [out / "config.yaml", self.metrics_path, *figures, checkpoint]
         if not self.mlflow:
             return
         if not self._flush():

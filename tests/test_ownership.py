@@ -5,6 +5,7 @@ import os
 import signal
 
 import psutil
+import pytest
 import yaml
 
 from tests.conftest import TINY, kill_tree, read_metrics, run_job, start_job, wait_until
@@ -90,7 +91,9 @@ def test_a_resume_applies_what_it_can_names_it_and_refuses_the_rest(tmp_path):
             (["train.weight_decay=0"], "train.weight_decay 0.0005 -> 0.0"),
             (["train.schedule=onecycle"], "train.schedule cosine -> onecycle"),
             (["train.epochs=1"], "train.epochs 1 (the checkpoint has done 2 epochs)"),
-            (["data.val_size=128"], "data.val_size 256 -> 128")]:
+            (["data.val_size=128"], "data.val_size 256 -> 128"),
+            (["train.precision=fp16"], "train.precision to or from fp16 (its loss scaler's state does not carry "
+                                       "over)")]:
         refused = run_job([*TINY, "train.epochs=3", f"train.out_dir={out}", *extra], timeout=120)
         assert refused.returncode == 1 and refused.stdout == "", extra
         assert refused.stderr.strip() == (f"error: cannot resume {out}/checkpoints/last.pt with {says}: set it "
@@ -103,3 +106,30 @@ def test_a_resume_applies_what_it_can_names_it_and_refuses_the_rest(tmp_path):
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["train"]["epochs"] == 4 and saved["train"]["label_smoothing"] == 0.0
     assert [r["epoch"] for r in read_metrics(out) if "val_acc" in r and "epoch" in r] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("case", ["a file", "too long", "a symlink loop"])
+def test_an_out_dir_the_os_rejects_is_one_line_before_any_work(tmp_path, case):
+    if case == "a file":
+        (tmp_path / "f").write_text("")
+        out, reason = tmp_path / "f" / "out", "Not a directory"
+    elif case == "too long":
+        out, reason = tmp_path / ("x" * 300), "File name too long"
+    else:
+        (tmp_path / "loop").symlink_to(tmp_path / "loop")
+        out, reason = tmp_path / "loop" / "out", "Too many levels of symbolic links"
+    result = run_job([*TINY, f"train.out_dir={out}"], timeout=120)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip() == f"error: cannot use train.out_dir {out}: {reason}"
+
+
+def test_evaluate_refuses_a_file_that_is_not_the_jobs_checkpoint(tmp_path):
+    import torch
+
+    from senet import senet18
+
+    bare = tmp_path / "bare.pt"
+    torch.save(senet18(width=8).state_dict(), bare)
+    result = run_job(["--model", str(bare), *TINY], module="job.evaluate", timeout=120)
+    assert result.returncode == 1 and result.stderr.strip().startswith(f"error: {bare} is not a senet-job checkpoint")
+    assert result.stderr.strip().count("\n") == 0 and "senet18().load_state_dict" in result.stderr

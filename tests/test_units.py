@@ -313,6 +313,23 @@ def test_the_end_of_run_flush_waits_once_and_a_stop_signal_ends_it(tmp_path, cap
     assert "MLflow SIGTERM received: 1 epoch(s) not sent" in capsys.readouterr().err
 
 
+def test_a_full_disk_while_drawing_the_figures_is_one_line(tmp_path, monkeypatch):
+    import errno
+
+    from job import plots
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(plots, "learning_curves", full)
+    cfg = Config()
+    cfg.train.out_dir = str(tmp_path)
+    with pytest.raises(CheckpointError) as info:
+        Tracker(cfg, CPU).log_final({"test_acc": 0.5}, [], torch.zeros(10, 10, dtype=torch.int64), tmp_path / "b.pt")
+    assert str(info.value) == (f"cannot write the figures in {tmp_path}: No space left on device; the checkpoints "
+                               f"and metrics.jsonl are intact")
+
+
 def test_the_data_folder_is_torchvisions():
     from torchvision.datasets import CIFAR10
 
