@@ -35,10 +35,10 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        w = F.avg_pool2d(out, out.size(2))  # squeeze: one number per channel
+        w = out.mean((2, 3), keepdim=True)  # squeeze: one number per channel (the seed's avg_pool2d, one reduction)
         w = torch.sigmoid(self.fc2(F.relu(self.fc1(w))))  # excitation: a gate in (0, 1) per channel
-        out = out * w + self.shortcut(x)
-        return F.relu(out)
+        # scale and residual add in one kernel (shortcut + out * w), the ReLU in place on its fresh result
+        return F.relu(torch.addcmul(self.shortcut(x), out, w), inplace=True)
 
 
 class SENet(nn.Module):

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Tiny, fast settings used by the end-to-end tests (width 8, a few hundred synthetic images).
 TINY = ["model.width=8", "data.source=synthetic", "data.val_size=256", "data.train_subset=1024",
         "data.test_subset=512", "train.batch_size=64", "train.lr=0.05", "train.ref_batch_size=64",
-        "train.warmup_epochs=0.5", "train.eval_batch_size=256", "mlflow.enabled=false"]
+        "train.warmup_epochs=0.5", "train.eval_batch_size=256", "mlflow.enabled=false",
+        "train.device=cpu"]  # gloo on the CPU by intent, never by accident of the hardware (a GPU machine too)
 
 
 # The 2-rank, 3-epoch run that the end-to-end tests share and that every interrupted run must equal.

@@ -38,10 +38,32 @@ def test_seed_state_dict_loads_strictly_and_gives_the_same_outputs(tmp_path):
 
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     seed_model.eval(), ours.eval()
-    with torch.no_grad():
-        assert torch.equal(ours(x), seed_model(x))
+    with torch.no_grad():  # equal to float rounding: the squeeze is one mean, scale and add one addcmul
+        assert torch.allclose(ours(x), seed_model(x), rtol=0, atol=1e-6)
     seed_model.train(), ours.train()
-    assert torch.equal(ours(x), seed_model(x))  # training mode too (batch statistics)
+    assert torch.allclose(ours(x), seed_model(x), rtol=0, atol=1e-6)  # training mode too (batch statistics)
+
+
+def test_the_fused_se_block_matches_the_seeds_outputs_and_gradients_to_1e_6():
+    """The squeeze as mean((2, 3)) and shortcut + out * gate as one addcmul, against the seed's BasicBlock."""
+    from bench.seed import BasicBlock as SeedBlock
+    from senet import BasicBlock
+
+    for in_ch, out_ch, stride in [(64, 64, 1), (64, 128, 2)]:
+        torch.manual_seed(5)
+        seed_block = SeedBlock(in_ch, out_ch, stride)
+        ours = BasicBlock(in_ch, out_ch, stride)
+        ours.load_state_dict(seed_block.state_dict(), strict=True)
+        x = torch.randn(8, in_ch, 16, 16, generator=torch.Generator().manual_seed(6))
+        x_seed, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y_seed, y_ours = seed_block(x_seed), ours(x_ours)
+        assert (y_ours - y_seed).abs().max() < 1e-6
+        grad = torch.randn_like(y_seed)
+        y_seed.backward(grad)
+        y_ours.backward(grad)
+        assert (x_ours.grad - x_seed.grad).abs().max() < 1e-6
+        for (name, a), b in zip(ours.named_parameters(), seed_block.parameters()):
+            assert (a.grad - b.grad).abs().max() < 1e-5 * max(1.0, b.grad.abs().max().item()), name
 
 
 def test_same_initialisation_as_the_seed_under_the_same_rng():
