@@ -1,8 +1,11 @@
-"""Stopping on a signal (SIGTERM from Kubernetes or torchrun, SIGUSR1 from Slurm) at one agreed step.
+"""Stopping on a signal (SIGTERM from Kubernetes or torchrun, SIGUSR1 from Slurm, SIGINT from Ctrl-C) at one
+agreed step.
 
-A signal may reach one rank, some, or all. Each rank's handler only sets a local flag; at every step
-boundary the ranks all-reduce their flags (MAX) over a CPU (gloo) group, which costs microseconds and
-never waits on the GPU, so every rank sees the same answer at the same step and they stop together.
+A signal may reach one rank, some, or all. Each rank's handler only sets a local flag; at every step boundary
+the ranks all-reduce their flags (MAX) over a CPU (gloo) group. The reduction is started without waiting
+(async_op) and its answer read at the next call, so no step waits on the network (a blocking call cost ~0.5 ms
+per step with 2 ranks here); every rank reads the same answer at the same call, so they stop together, one
+step after the signal.
 """
 
 import signal
@@ -26,7 +29,7 @@ class StopSignal:
 
     def __init__(self, names: list[str], backend: str):
         self.received: str | None = None
-        self.flag = torch.zeros(1, dtype=torch.int32)
+        self.pending = None  # (work, flag) of the reduction in flight
         # nccl cannot reduce a CPU tensor: keep a gloo group beside it for this flag
         self.group = dist.new_group(backend="gloo") if backend != "gloo" else None
         for name in names:  # checked signal names (train.stop_signals); [] installs none
@@ -36,7 +39,20 @@ class StopSignal:
         self.received = signal.Signals(signum).name
 
     def requested(self) -> bool:
-        """True on every rank once any rank has received a stop signal (call on all ranks, in step)."""
-        self.flag.fill_(1 if self.received else 0)
-        dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(self.flag.item())
+        """True on every rank once any rank has received a stop signal (call on all ranks, in step).
+
+        Answers with the reduction the previous call started (False at the first call) and starts the next."""
+        answer = False
+        if self.pending is not None:
+            work, flag = self.pending
+            work.wait()
+            answer = bool(flag.item())
+        flag = torch.tensor([1 if self.received else 0], dtype=torch.int32)
+        self.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
+        return answer
+
+    def close(self) -> None:
+        """Wait for the reduction in flight (before the process group goes)."""
+        if self.pending is not None:
+            self.pending[0].wait()
+            self.pending = None

@@ -285,6 +285,7 @@ def train_out_dir(cfg: Config, runtime: Runtime, config_path: str | None) -> boo
         status = "KILLED"
         raise
     finally:
+        stop.close()
         tracker.close(status)
     if not tracker.complete:
         cli.error(f"not everything reached MLflow ({', '.join(tracker.lost)}); {t.out_dir} holds all of it "
