@@ -33,7 +33,8 @@ W32 = ["data.val_size=2000", "data.train_subset=20000", "model.width=32", "train
        "train.precision=bf16", "train.tta=none"]  # the base as measured: TTA is an arm of its own
 W32_ARMS = {  # arm: what it changes from the base (lr follows the batch by train.ref_batch_size)
     "base": [], "tta-flip": ["train.tta=flip"], "ema-0.99": ["train.ema_decay=0.99"],
-    "mixup-cutmix": ["data.mixup_alpha=0.2", "data.cutmix_alpha=1.0"], "no-label-smoothing": ["train.label_smoothing=0"],
+    "mixup-cutmix": ["data.mixup_alpha=0.2", "data.cutmix_alpha=1.0"],
+    "no-label-smoothing": ["train.label_smoothing=0"],
     "cosine": ["train.schedule=cosine"], "batch-128": ["train.batch_size=128"], "batch-512": ["train.batch_size=512"],
 }
 FAST = ["--config", "configs/fast.yaml"]
@@ -112,8 +113,10 @@ def finish(run: Run, proc: subprocess.Popen, out: Path, stopped: bool) -> None:
     proc.log.close()
     run.returncode, run.wall_s = proc.returncode, round(time.monotonic() - proc.started, 1)
     read_metrics(run, out / "runs" / run.name)
-    run.status = ("finished" if run.returncode == 0 and run.test_acc is not None
-                  else "partial" if stopped and run.returncode in (143, -15, 1) else "failed")
+    # 0, or 3 (trained and tested; MLflow incomplete): the accuracy is in metrics.jsonl either way
+    run.status = ("finished" if run.returncode in (0, 3) and run.test_acc is not None
+                  else "partial" if stopped and run.returncode in (143, -signal.SIGTERM, -signal.SIGKILL)
+                  else "failed")
     if run.status == "failed":
         run.log_tail = "\n".join((out / "runs" / f"{run.name}.log").read_text(errors="replace").splitlines()[-15:])
     print(f"[{time.strftime('%H:%M:%S')}] {run.name}: {run.status} (exit {run.returncode}, {run.wall_s} s, "
@@ -148,7 +151,8 @@ def execute(runs: list[Run], out: Path, overrides: list[str], parallel: int, bud
 
 
 def table(runs: list[Run]) -> str:
-    rows = ["| arm | runs finished | dev-test acc, mean ± std | min - max | best val acc (mean) | epochs | img/s (median) |",
+    rows = ["| arm | runs finished | dev-test acc, mean ± std | min - max | best val acc (mean) | epochs "
+            "| img/s (median) |",
             "| --- | --- | --- | --- | --- | --- | --- |"]
     for arm in dict.fromkeys(r.arm for r in runs):
         group = [r for r in runs if r.arm == arm]
@@ -182,7 +186,8 @@ def plot(runs: list[Run], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.recipes", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("plans", nargs="?", help="comma-separated: default, fast, fast-sweep, w32")
+    parser.add_argument("plans", nargs="?", help="comma-separated: default, fast, fast-sweep, w32 (with MLflow on, "
+                        "give parallel runs a tracking server: mlflow.tracking_uri=http://...)")
     parser.add_argument("--data-root", help="data.root of every run (e.g. the dev split)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--summary", type=Path, action="append",

@@ -41,7 +41,7 @@ def save(state: dict, path: Path, keep_previous: bool = False) -> None:
         if keep_previous and path.exists():
             os.replace(path, previous(path))
         os.replace(tmp, path)
-        _sync_dir(path.parent)
+        sync_dir(path.parent)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous one is intact") from None
@@ -99,13 +99,13 @@ def same_file(source: Path, path: Path) -> None:
         except OSError:
             shutil.copyfile(source, tmp)
         os.replace(tmp, path)
-        _sync_dir(path.parent)
+        sync_dir(path.parent)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous one is intact") from None
 
 
-def _sync_dir(directory: Path) -> None:
+def sync_dir(directory: Path) -> None:
     """fsync a directory: makes the renames in it durable."""
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -144,6 +144,10 @@ def resume_path(resume: str, out_dir: str) -> Path | None:
         return None
     if not Path(resume).is_file():
         raise CheckpointError(f"train.resume: checkpoint not found: {resume}")
+    if last.is_file() and last.resolve() != Path(resume).resolve():
+        # a requeue or restart of a launch that began from another run's checkpoint: go on from this out_dir's
+        # own, newer one, not back to where it started
+        return last
     return Path(resume)
 
 
@@ -167,23 +171,29 @@ RESUME_SILENT = {f"train.{k}" for k in ("out_dir", "resume", "stop_after_epochs"
                                         "reuse_host_memory", "grad_compression", "bucket_mb", "device")}
 
 
-def resume_changes(state: dict, cfg, path: Path) -> list[str]:
-    """The settings this launch changes from the checkpoint's ("key old -> new"), after refusing, in one line,
-    those a resume cannot honour (job/checkpoint.py RESUME_APPLIES says which it can)."""
-    saved, now = state["config"], cfg.to_dict()
-    changes, refused = [], []
-    for section, values in now.items():
+def config_changes(saved: dict, cfg) -> tuple[list[str], list[str]]:
+    """("key old -> new" a resume applies, those it refuses) between a saved config and this launch's."""
+    applies, refused = [], []
+    for section, values in cfg.to_dict().items():
         if section == "mlflow":
             continue
         for key, value in values.items():
             name, old = f"{section}.{key}", saved.get(section, {}).get(key, value)
-            if old == value or name in RESUME_SILENT:
-                continue
-            (changes if name in RESUME_APPLIES else refused).append(f"{name} {old} -> {value}")
-    done = state["train_state"]["epoch"]
+            if old != value and name not in RESUME_SILENT:
+                (applies if name in RESUME_APPLIES else refused).append(f"{name} {old} -> {value}")
+    return applies, refused
+
+
+def resume_changes(state: dict, cfg, path: Path) -> list[str]:
+    """The settings this launch changes from the checkpoint's ("key old -> new"), after refusing, in one line,
+    those a resume cannot honour (job/checkpoint.py RESUME_APPLIES says which it can)."""
+    changes, refused = config_changes(state["config"], cfg)
+    done = state["train_state"]["epoch"] + (1 if state["train_state"].get("step") else 0)  # a begun epoch counts
     if cfg.train.epochs < done:
-        refused.append(f"train.epochs {cfg.train.epochs} (the checkpoint has done {done} epochs)")
-    precisions = {saved["train"].get("precision"), cfg.train.precision}
+        refused.append(f"train.epochs {cfg.train.epochs} (the checkpoint has begun {done} epochs)"
+                       if state["train_state"].get("step") else
+                       f"train.epochs {cfg.train.epochs} (the checkpoint has done {done} epochs)")
+    precisions = {state["config"]["train"].get("precision"), cfg.train.precision}
     if "fp16" in precisions and len(precisions) > 1:
         refused.append("train.precision to or from fp16 (its loss scaler's state does not carry over)")
     if refused:

@@ -14,6 +14,12 @@ def _is_rank_zero() -> bool:
     return int(os.environ.get("RANK", 0)) == 0
 
 
+def info(message: str) -> None:
+    """A line on stdout from global rank 0."""
+    if _is_rank_zero():
+        print(message, flush=True)
+
+
 def error(message: str) -> None:
     """`error: message` on stderr from global rank 0 (every rank hits the same config or data mistake)."""
     if _is_rank_zero():

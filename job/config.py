@@ -23,9 +23,10 @@ class ConfigError(ValueError):
 
 def redact(uri: str) -> str:
     """Hide a password or token written into a URI: https://user:secret@host -> https://user:***@host,
-    https://TOKEN@host -> https://***@host, ?token=... (or key, password, secret, access_token) -> ?token=***."""
+    https://TOKEN@host -> https://***@host (http(s) only: postgresql://user@db names a user), ?token=... (or key,
+    password, secret, access_token) -> ?token=***."""
     uri = re.sub(r"(//[^/@:]+:)[^/@]+@", r"\1***@", uri)
-    uri = re.sub(r"//(?![^/@]*\*\*\*@)[^/@:]+@", "//***@", uri)
+    uri = re.sub(r"^(https?://)(?![^/@]*\*\*\*@)[^/@:]+@", r"\1***@", uri)  # a bare token (db users stay)
     return re.sub(r"([?&](?:token|access_token|key|api_key|password|secret)=)[^&#]*", r"\1***", uri, flags=re.I)
 
 
@@ -214,10 +215,10 @@ class MlflowConfig:
         _check_types(self, "mlflow")
         _require(bool(self.experiment), "mlflow.experiment must not be empty")
         name = self.registered_model  # MLflow's own rules, checked before training rather than at registration
-        _require(bool(name.strip()) and name.strip() == name and "/" not in name and ":" not in name
+        _require(bool(name.strip()) and name.strip() == name and not set("/:'\"") & set(name)
                  and name not in (".", "..") and len(name) <= 250,
-                 f"mlflow.registered_model {name!r} is not a name MLflow accepts (non-empty, no '/' or ':', no "
-                 f"surrounding spaces, at most 250 characters)")
+                 f"mlflow.registered_model {name!r} is not a name MLflow accepts (non-empty, no '/', ':' or "
+                 f"quotes, no surrounding spaces, at most 250 characters)")
         _require(redact(self.tracking_uri) == self.tracking_uri,
                  f"mlflow.tracking_uri {redact(self.tracking_uri)} holds a password: set MLFLOW_TRACKING_USERNAME "
                  f"and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment instead")
@@ -257,6 +258,12 @@ def _one_of(options: tuple) -> str:
     return f"{', '.join(rest)} or {last}" if rest else last
 
 
+def _finite(key: str, number: float) -> float:
+    if not math.isfinite(number) or abs(number) > 1e30:  # inf trains to NaN; 1e300 overflows on the way
+        raise ConfigError(f"{key} must be a finite number no larger than 1e30, got {number!r}")
+    return number
+
+
 def _coerce(key: str, value, annotation):
     """Check one value against its field type; ints are accepted where floats are expected."""
     if typing.get_origin(annotation) is typing.Literal:
@@ -282,16 +289,13 @@ def _coerce(key: str, value, annotation):
                 raise ConfigError(f"{key} must be below 2**31 in magnitude, got {value}")
             return value
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value) or abs(value) > 1e30:
-                raise ConfigError(f"{key} must be a finite number, got {value!r}")
-            return float(value)
+            return _finite(key, float(value))
         if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
             try:
                 number = float(value)
             except ValueError:
                 continue
-            if math.isfinite(number):
-                return number
+            return _finite(key, number)
         if kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     names = " or ".join({bool: "a boolean", int: "an integer", float: "a number", str: "a string",

@@ -8,8 +8,10 @@ from its content. On a shared filesystem the lock is the server's: NFSv4 and NFS
 nodes (a crashed node's locks go when its lease or lock state expires, ~90 s on NFSv4); Lustre needs the
 `flock` mount option; a filesystem without locks gets a warning and no protection.
 
-finished.json is written by rank 0 after the test score and the registration: a launch that finds it exits 0
-at once ("already finished") and touches nothing.
+finished.json is written by rank 0 once the test score, the registration and the MLflow run are complete: a
+launch of the same config that finds it exits 0 at once ("already finished") and touches nothing; a launch with
+other settings is refused. A run whose MLflow logging was incomplete (exit 3) is not marked: the next launch
+does the end of the run again.
 """
 
 import datetime
@@ -20,7 +22,9 @@ import os
 import socket
 from pathlib import Path
 
-from job import cli
+import torch.distributed as dist
+
+from job import checkpoint, cli
 
 OWNER = ".owner"
 FINISHED = "finished.json"
@@ -45,6 +49,7 @@ class Ownership:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise OutDirError(f"cannot use train.out_dir {self.out_dir}: {e.strerror or e}") from None
+        locked = True
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -53,9 +58,10 @@ class Ownership:
                 os.close(fd)
                 raise OutDirError(f"train.out_dir {self.out_dir} is in use by {owner}: wait for it to end, stop it, "
                                   f"or choose another train.out_dir") from None
+            locked = False  # e.g. ENOLCK: a filesystem without locks; then nobody can tell a live owner
             cli.warning(f"train.out_dir {self.out_dir} cannot be locked ({e.strerror}); nothing stops a second "
                         f"launch on it from writing beside this one")
-        before = _read(fd)
+        before = _read(fd) if locked else ""  # only a lock tells that its writer has ended
         me = (f"pid {os.getpid()} on {socket.gethostname()} "
               f"(started {datetime.datetime.now().astimezone().isoformat(timespec='seconds')})")
         os.ftruncate(fd, 0)
@@ -76,20 +82,59 @@ def _read(fd: int) -> str:
     return os.pread(fd, 4096, 0).decode(errors="replace").strip()
 
 
-def finished(out_dir: str) -> dict | None:
-    """The record finished.json holds, or None if the run in out_dir has not finished."""
-    path = Path(out_dir) / FINISHED
+def claim(cfg, runtime) -> tuple[Ownership, str | None]:
+    """Rank 0 takes out_dir and reads its finished.json; every rank learns the outcome (a collective).
+
+    Returns (the ownership, the "already finished" line when this launch would only repeat a finished run, else
+    None); raises OutDirError on every rank when out_dir is owned by a live launch, unusable, or finished with
+    other settings."""
+    ownership, outcome = Ownership(cfg.train.out_dir), None
+    if runtime.is_main:
+        try:
+            note = ownership.acquire()
+            if note:
+                cli.warning(note)
+            outcome = ("ok", finished_line(cfg))
+        except OutDirError as e:
+            ownership.release()
+            outcome = ("error", str(e))
+    box = [outcome]
+    dist.broadcast_object_list(box, src=0)  # rank 0 decides: ranks reading files could disagree (NFS caches)
+    kind, text = box[0]
+    if kind == "error":
+        raise OutDirError(text)
+    return ownership, text
+
+
+def finished_line(cfg) -> str | None:
+    """The "already finished" line when out_dir holds a finished run of this very config; None when it holds no
+    finished run; raises OutDirError when it holds one made with other settings (a relaunch would lie)."""
+    path = Path(cfg.train.out_dir) / FINISHED
     try:
-        return json.loads(path.read_text())
+        done = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
         raise OutDirError(f"{path} is unreadable ({e}); delete it to run the end of the job again") from None
+    applies, refused = checkpoint.config_changes(done["config"], cfg)
+    explicit = cfg.train.resume not in ("auto", "never")
+    if applies or refused or explicit:
+        what = ", ".join(applies + refused) or f"train.resume={cfg.train.resume}"
+        raise OutDirError(f"train.out_dir {cfg.train.out_dir} holds a run finished with other settings ({what}); "
+                          f"to train on from it use a new out_dir with "
+                          f"train.resume={checkpoint.directory(cfg.train.out_dir) / 'last.pt'}")
+    run = f", MLflow run {done['mlflow_run_id']}" if done.get("mlflow_run_id") else ""
+    return (f"already finished: {cfg.train.out_dir} (test_acc {done['test_acc']:.4f} after {done['epochs']} "
+            f"epochs{run}); nothing to do")
 
 
 def mark_finished(out_dir: str, record: dict) -> None:
-    """Write finished.json atomically (after the test score and the registration)."""
+    """Write finished.json atomically and durably (once the run's results, MLflow's included, are complete)."""
     path = Path(out_dir) / FINISHED
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(record, indent=1) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    checkpoint.sync_dir(path.parent)

@@ -3,8 +3,9 @@
     torchrun ... -m job.preflight [--config FILE] [section.key=value ...]     (the same arguments as job.train)
 
 Rendezvous, an all-reduce across every rank (with its bus bandwidth), each local rank's device, the data,
-out_dir writable, job.train's own start checks (batch and world size, data size, out_dir's owner, a finished
-run, the checkpoint to resume and what would change in it), MLflow reachable with a usable experiment. Rank 0 prints a pass/fail table; the exit code is 1 if any check failed.
+out_dir writable, job.train's own start checks (batch and world size, data size, out_dir's owner, a
+finished run, the checkpoint to resume and what would change in it), MLflow reachable with a usable
+experiment. Rank 0 prints a pass/fail table; the exit code is 1 if any check failed.
 """
 
 import argparse
@@ -69,23 +70,17 @@ def check_start(cfg: config.Config, runtime: Runtime) -> str:
     """job.train's own start checks: batch vs world size, SyncBN, data size, out_dir's owner, finished state,
     the checkpoint to resume and what this launch would change in it."""
     from job import train
-    from job.outdir import Ownership, finished
+    from job.outdir import Ownership, finished_line
 
     train.check_launch(cfg, runtime)
     images = _training_images(cfg)
     steps = train.steps_per_epoch(cfg, runtime, images)
-    done = finished(cfg.train.out_dir)
-    if done is not None:
-        if cfg.train.epochs > done["epochs"]:
-            raise ConfigError(f"train.out_dir holds a run finished after {done['epochs']} epochs; train.epochs "
-                              f"{cfg.train.epochs} needs a new out_dir")
-        return f"out_dir holds a finished run (test_acc {done['test_acc']:.4f}): job.train would exit 0 at once"
+    done = finished_line(cfg)  # job.train's own decision, refusals included
+    if done:
+        return f"{done}: job.train would exit 0 at once"
     ownership = Ownership(cfg.train.out_dir)
-    probe = not ownership.path.exists()
-    ownership.acquire()  # raises the owner's name if a launch holds it
+    ownership.acquire()  # raises the owner's name if a launch holds it; the file stays (an empty .owner)
     ownership.release()
-    if probe:
-        ownership.path.unlink()
     path, _, changes = train.check_resume(cfg)
     resume = (f"resumes {path}" + (f", changing {', '.join(changes)}" if changes else "")) if path else "starts fresh"
     return f"{images} training images, {steps} steps per epoch; {resume}"

@@ -4,8 +4,10 @@ Who may compete: only runs on the full CIFAR-10 source with the standard validat
 mlflow.registered_model; synthetic data, subsets and other validation sizes register under `<name>-dev`, so a
 smoke run never touches the production name's aliases. Every version carries its data fingerprint (a hash of
 the training, validation and test images and labels it saw) and the recipe hash, and a version competes for
-@champion only against a champion with the same fingerprint: a re-encoded copy (data.verify=false) competes
-among its own kind. Registration is idempotent per MLflow run: a second attempt finds the run's version.
+@champion only against a champion with the same fingerprint. @champion / @challenger are for md5-verified
+CIFAR-10 files; a re-encoded copy (data.verify=false) competes among its own kind under
+@champion-<fingerprint> / @challenger-<fingerprint>. Registration is idempotent per MLflow run: a second
+attempt finds the run's version (and runs the gate if the first stopped before it).
 
 The logged model takes what CIFAR-10 stores — uint8 images (N, 3, 32, 32), RGB, 0..255 — and returns
 logits (N, 10): it carries its own normalisation, so `mlflow.pytorch.load_model("models:/NAME@champion")`
@@ -62,7 +64,13 @@ def log_and_register(mlflow, weights: dict, example: torch.Tensor, *, cfg: Confi
     name = model_name(cfg)
     existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     if existing:
-        return f"registry: {name} version {existing[0].version} already holds run {run_id}'s model; not registered again"
+        version = client.get_model_version(name, existing[0].version)  # search results carry no aliases
+        line = f"registry: {name} version {version.version} already holds run {run_id}'s model; not registered again"
+        if version.aliases:
+            return line
+        # registered, then stopped before the gate: the gate now
+        return line + "; " + promote(client, name, version.version, val_acc, cfg.mlflow.promote_margin,
+                                     tags["data_fingerprint"], aliases(cfg, tags["data_fingerprint"]))
     wrapped = servable(weights, cfg)
     example = example[:4].cpu()
     with torch.no_grad():
@@ -78,36 +86,49 @@ def log_and_register(mlflow, weights: dict, example: torch.Tensor, *, cfg: Confi
         f"SENet{cfg.model.depth} width {cfg.model.width} on {cfg.data.source} (data {tags['data_fingerprint']}, "
         f"recipe {tags['config_hash']}): val_acc {version_tags['val_acc'] or '-'}, test_acc {test_acc:.4f}; "
         f"run {run_id}. Input uint8 (N, 3, 32, 32) RGB, output logits (N, 10)."))
-    line = promote(client, name, version, val_acc, cfg.mlflow.promote_margin, tags["data_fingerprint"])
+    line = promote(client, name, version, val_acc, cfg.mlflow.promote_margin, tags["data_fingerprint"],
+                   aliases(cfg, tags["data_fingerprint"]))
     reason = not_production(cfg.data)
     return line + (f" (under {name}, not {cfg.mlflow.registered_model}: {reason})" if reason else "")
 
 
-def promote(client, name: str, version: str, val_acc: float | None, margin: float, fingerprint: str) -> str:
+def aliases(cfg: Config, fingerprint: str) -> tuple[str, str]:
+    """(champion, challenger) alias names: `champion` / `challenger` for md5-verified CIFAR-10 files;
+    `champion-<fingerprint>` / `challenger-<fingerprint>` for other copies (data.verify=false, a re-encode), so
+    each copy's best is found by its own alias and none displaces another's."""
+    if cfg.data.verify:
+        return CHAMPION, CHALLENGER
+    return f"{CHAMPION}-{fingerprint[:8]}", f"{CHALLENGER}-{fingerprint[:8]}"
+
+
+def promote(client, name: str, version: str, val_acc: float | None, margin: float, fingerprint: str,
+            names: tuple[str, str] = (CHAMPION, CHALLENGER)) -> str:
     """@champion to version if it beats the champion's val_acc by more than margin (or there is none); a champion
-    trained or scored on other data (another data_fingerprint, or none) is not compared, and stays."""
+    trained or scored on other data (another data_fingerprint, or none) is not compared, and stays. names are
+    the (champion, challenger) aliases to use (aliases())."""
+    top, second = names
     try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
+        champion = client.get_model_version_by_alias(name, top)
     except Exception:  # MLflow raises when the alias does not exist
         champion = None
     where = f"registry: {name} version {version}"
     if val_acc is None:
-        client.set_registered_model_alias(name, CHALLENGER, version)
-        return f"{where} is @{CHALLENGER}: no validation accuracy (data.val_size=0), so it is not promoted"
+        client.set_registered_model_alias(name, second, version)
+        return f"{where} is @{second}: no validation accuracy (data.val_size=0), so it is not promoted"
     if champion is None:
-        client.set_registered_model_alias(name, CHAMPION, version)
-        return f"{where} is @{CHAMPION}: there was no champion (val_acc {val_acc:.4f})"
+        client.set_registered_model_alias(name, top, version)
+        return f"{where} is @{top}: there was no champion (val_acc {val_acc:.4f})"
     theirs = champion.tags.get("data_fingerprint")
     if theirs != fingerprint:
-        client.set_registered_model_alias(name, CHALLENGER, version)
-        return (f"{where} is @{CHALLENGER}: @{CHAMPION} version {champion.version} was trained or scored on other "
+        client.set_registered_model_alias(name, second, version)
+        return (f"{where} is @{second}: @{top} version {champion.version} was trained or scored on other "
                 f"data (fingerprint {theirs or 'none'}, this one {fingerprint}), so they are not compared; move "
                 f"the alias by hand if this one should serve")
     best = float(champion.tags.get("val_acc") or "-1")
     if val_acc > best + margin:
-        client.set_registered_model_alias(name, CHAMPION, version)
-        return (f"{where} is @{CHAMPION}: val_acc {val_acc:.4f} beats version {champion.version}'s "
+        client.set_registered_model_alias(name, top, version)
+        return (f"{where} is @{top}: val_acc {val_acc:.4f} beats version {champion.version}'s "
                 f"{best:.4f} by more than the margin {margin}")
-    client.set_registered_model_alias(name, CHALLENGER, version)
-    return (f"{where} is @{CHALLENGER}: val_acc {val_acc:.4f} does not beat @{CHAMPION} version "
+    client.set_registered_model_alias(name, second, version)
+    return (f"{where} is @{second}: val_acc {val_acc:.4f} does not beat @{top} version "
             f"{champion.version}'s {best:.4f} by more than the margin {margin}")

@@ -36,6 +36,11 @@ def tracking_uri(configured: str) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / DEFAULT_STORE}"
 
 
+# MLflow's HTTP settings the user set in the environment before this job started: ours never override them
+USER_SET = {k for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+                        "MLFLOW_HTTP_REQUEST_TIMEOUT") if k in os.environ}
+
+
 def fail_fast() -> None:
     """Unless the user set them: few HTTP retries, so that an absent server costs seconds, not minutes,
     while every rank waits (MLflow's own defaults retry for minutes)."""
@@ -302,8 +307,8 @@ class Tracker:
         """End the MLflow run: FINISHED, FAILED, or KILLED (stopped early; a resume reopens it as RUNNING)."""
         if not (self.active and self.mlflow and self.mlflow.active_run()):
             return
-        if self.pending:
-            self._flush()
+        if self.pending:  # a bounded wait for a finished run; one try for a stopped or failed one
+            self._flush() if status == "FINISHED" else self._send(now=True)
         try:
             with _environ(QUICK):
                 self.mlflow.end_run(status=status)
@@ -328,9 +333,9 @@ INCOMPLETE_EXIT_CODE = 3
 
 @contextlib.contextmanager
 def _environ(values: dict[str, str]):
-    """Set environment variables for a block (the user's own settings win)."""
+    """Set MLflow's HTTP settings for a block (the user's own, USER_SET, win; fail_fast's do not)."""
     saved = {k: os.environ.get(k) for k in values}
-    os.environ.update({k: os.environ.get(k, v) for k, v in values.items()})
+    os.environ.update({k: v for k, v in values.items() if k not in USER_SET})
     try:
         yield
     finally:

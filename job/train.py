@@ -26,7 +26,7 @@ from job.config import Config, ConfigError
 from job.data import DataError, Splits
 from job.distributed import LaunchError, Runtime
 from job.evaluate import Scores, evaluate
-from job.outdir import OutDirError, Ownership
+from job.outdir import OutDirError
 from job.loop import Parts, TrainState, autocast_dtype, make_ema, train_one_epoch
 from job.optim import build_optimizer, build_scheduler
 from job.preemption import PREEMPTED_EXIT_CODE, Preempted, StopSignal
@@ -61,38 +61,6 @@ def check_resume(cfg: Config) -> tuple[Path | None, dict | None, list[str]]:
     path, saved = found
     checkpoint.check_compatible(saved, cfg, path)
     return path, saved, checkpoint.resume_changes(saved, cfg, path)
-
-
-def own_out_dir(out_dir: str, runtime: Runtime) -> Ownership:
-    """Rank 0 takes out_dir for this launch (job/outdir.py) or every rank raises the one line naming its owner."""
-    ownership, error = Ownership(out_dir), None
-    if runtime.is_main:
-        try:
-            note = ownership.acquire()
-            if note:
-                cli.warning(note)
-        except OutDirError as e:
-            error = e
-    if not distributed.all_agree(error is None, runtime.device):
-        raise error or OutDirError(f"train.out_dir {out_dir} is in use by another launch (rank 0's log names it)")
-    return ownership
-
-
-def already_finished(cfg: Config, runtime: Runtime) -> bool:
-    """True (after one line) when out_dir holds a finished run this launch would only repeat; raises when the
-    launch asks for more than that run did."""
-    done = outdir.finished(cfg.train.out_dir)
-    if done is None:
-        return False
-    if cfg.train.epochs > done["epochs"] or cfg.train.resume not in ("auto", "never"):
-        raise OutDirError(f"train.out_dir {cfg.train.out_dir} holds a run that finished after {done['epochs']} "
-                          f"epochs; to train on from it use a new out_dir with "
-                          f"train.resume={checkpoint.directory(cfg.train.out_dir) / 'last.pt'}")
-    if runtime.is_main:
-        print(f"already finished: {cfg.train.out_dir} (test_acc {done['test_acc']:.4f} after {done['epochs']} epochs"
-              f"{', MLflow run ' + done['mlflow_run_id'] if done.get('mlflow_run_id') else ''}); nothing to do",
-              flush=True)
-    return True
 
 
 def prepare_out_dir(cfg: Config, runtime: Runtime) -> None:
@@ -213,31 +181,31 @@ def train_epochs(parts: Parts, splits: Splits, cfg: Config, runtime: Runtime, st
 
 
 def finish(parts: Parts, splits: Splits, cfg: Config, runtime: Runtime, state: TrainState, tracker: Tracker,
-           checkpoints: Checkpointer) -> None:
-    """Score the best model on the test set once, log the final record, register the model."""
+           checkpoints: Checkpointer) -> dict:
+    """Score the best model on the test set once, log the final record, register the model; returns the record."""
     dist.barrier()  # best.pt is complete before any rank reads it
     best = checkpoint.load(checkpoints.best)
     (parts.ema.module if parts.ema is not None else parts.model).load_state_dict(checkpoint.weights(best))
     test = score(parts, splits.test_x, splits.test_y, cfg, runtime)
-    tracker.log_final({"test_acc": test.accuracy, "test_loss": test.loss, "best_epoch": state.best_epoch,
-                       "best_val_acc": state.best_val_acc, "test_images": test.count},
-                      state.history, test.confusion, checkpoints.best)
+    final = {"test_acc": test.accuracy, "test_loss": test.loss, "best_epoch": state.best_epoch,
+             "best_val_acc": state.best_val_acc, "test_images": test.count}
+    tracker.log_final(final, state.history, test.confusion, checkpoints.best)
     if runtime.is_main:
         tracker.register(checkpoint.weights(best), splits.test_x[:4], val_acc=state.best_val_acc,
                          test_acc=test.accuracy, data_fingerprint=data.fingerprint(splits))
-    if runtime.is_main:  # last: a crash before this line makes the next launch finish (and register) again
-        outdir.mark_finished(cfg.train.out_dir, {"epochs": cfg.train.epochs, "test_acc": test.accuracy,
-                                                 "best_val_acc": state.best_val_acc, "mlflow_run_id": tracker.run_id})
+    return final
 
 
 def run(cfg: Config, runtime: Runtime, config_path: str | None) -> bool:
     """Check the launch, build, train, then test the best model; the MLflow run ends with the outcome.
     Returns False when the job's results are complete on disk but not all of them reached MLflow."""
-    t = cfg.train
     check_launch(cfg, runtime)
-    ownership = own_out_dir(t.out_dir, runtime)  # held until this process ends
+    ownership, finished = outdir.claim(cfg, runtime)  # out_dir is this launch's until it ends
     try:
-        return already_finished(cfg, runtime) or train_out_dir(cfg, runtime, config_path)
+        if finished:
+            cli.info(finished)
+            return True
+        return train_out_dir(cfg, runtime, config_path)
     finally:
         ownership.release()
 
@@ -272,10 +240,10 @@ def train_out_dir(cfg: Config, runtime: Runtime, config_path: str | None) -> boo
     tracker.stop = stop
 
     state.mlflow_run_id = tracker.open(state.history, state.mlflow_run_id)
-    status = "FAILED"
+    status, final = "FAILED", None
     try:
         if train_epochs(parts, splits, cfg, runtime, state, tracker, checkpoints, stop):
-            finish(parts, splits, cfg, runtime, state, tracker, checkpoints)
+            final = finish(parts, splits, cfg, runtime, state, tracker, checkpoints)
             status = "FINISHED"
         else:
             status = "KILLED"  # stopped by train.stop_after_epochs: resumable
@@ -289,7 +257,10 @@ def train_out_dir(cfg: Config, runtime: Runtime, config_path: str | None) -> boo
         tracker.close(status)
     if not tracker.complete:
         cli.error(f"not everything reached MLflow ({', '.join(tracker.lost)}); {t.out_dir} holds all of it "
-                  f"(metrics.jsonl, checkpoints); exiting {INCOMPLETE_EXIT_CODE}")
+                  f"(metrics.jsonl, checkpoints); exiting {INCOMPLETE_EXIT_CODE}: the next launch ends the run again")
+    elif final is not None and runtime.is_main:  # last: only a complete run is marked finished
+        outdir.mark_finished(t.out_dir, {**final, "epochs": t.epochs, "mlflow_run_id": tracker.run_id,
+                                         "config": cfg.to_dict()})
     return tracker.complete
 
 
@@ -305,9 +276,9 @@ def main(argv: list[str] | None = None) -> int:
         print(config.yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
     try:
+        host.exit_with_launcher()  # first: the agent may die while the rendezvous below waits
         runtime = distributed.setup(cfg.train.device, cfg.train.timeout_s)
         host.tune(cfg.train, runtime)
-        host.exit_with_launcher()
         return 0 if run(cfg, runtime, args.config) else INCOMPLETE_EXIT_CODE
     except USER_ERRORS as e:
         cli.error(str(e))

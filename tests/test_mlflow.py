@@ -119,6 +119,24 @@ def test_registration_is_idempotent_per_run(mlflow_server, two_ranks):
     assert len(client.search_model_versions("name = 'two-ranks-dev'")) == before
 
 
+def test_a_version_registered_by_a_launch_stopped_before_the_gate_gets_its_alias_on_the_next(mlflow_server):
+    import mlflow
+
+    from job import config, registry
+
+    client = mlflow_server.client()
+    run_id = client.create_run(client.create_experiment("repair")).info.run_id
+    client.create_registered_model("repair-dev")
+    client.create_model_version("repair-dev", source=f"runs:/{run_id}/model", run_id=run_id)  # no alias: stopped
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    cfg = config.load(overrides=[*TRACKED, "mlflow.registered_model=repair"])
+    line = registry.log_and_register(mlflow, {}, torch.zeros(1), cfg=cfg, run_id=run_id, val_acc=0.9, test_acc=0.9,
+                                     tags={"config_hash": "x", "data_fingerprint": "y"})
+    assert line == (f"registry: repair-dev version 1 already holds run {run_id}'s model; not registered again; "
+                    f"registry: repair-dev version 1 is @champion: there was no champion (val_acc 0.9000)")
+    assert client.get_model_version_by_alias("repair-dev", "champion").version == "1"
+
+
 def test_another_runs_checkpoint_starts_a_new_mlflow_run_and_leaves_that_one_alone(mlflow_server, two_ranks, tmp_path):
     source, _ = two_ranks
     client = mlflow_server.client()
@@ -188,7 +206,8 @@ def test_a_registry_name_mlflow_would_refuse_is_refused_before_training(tmp_path
     result = run_job([*TRACKED, "mlflow.registered_model=team/senet", f"train.out_dir={tmp_path}/out"])
     assert result.returncode == 2 and not (tmp_path / "out").exists()
     assert result.stderr.strip() == ("error: mlflow.registered_model 'team/senet' is not a name MLflow accepts "
-                                     "(non-empty, no '/' or ':', no surrounding spaces, at most 250 characters)")
+                                     "(non-empty, no '/', ':' or quotes, no surrounding spaces, at most 250 "
+                                     "characters)")
 
 
 def test_registered_champion_predicts_like_the_checkpoint(mlflow_server, two_ranks):

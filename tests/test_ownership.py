@@ -74,10 +74,23 @@ def test_a_finished_out_dir_exits_0_and_touches_nothing(tmp_path):
     assert again.returncode == 0 and again.stderr == ""
     assert again.stdout.startswith(f"already finished: {out} (test_acc ") and again.stdout.count("\n") == 1
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".owner"} == before
-    longer = run_job([*TINY, "train.epochs=3", f"train.out_dir={out}"], timeout=120)
-    assert longer.returncode == 1 and longer.stderr.strip() == (
-        f"error: train.out_dir {out} holds a run that finished after 1 epochs; to train on from it use a new "
-        f"out_dir with train.resume={out}/checkpoints/last.pt")
+    for extra, what in [("train.epochs=3", "train.epochs 1 -> 3"), ("train.lr=0.3", "train.lr 0.05 -> 0.3"),
+                        ("train.tta=none", "train.tta flip -> none")]:  # a relaunch would claim what it did not do
+        other = run_job([*args, extra], timeout=120)
+        assert other.returncode == 1 and other.stderr.strip() == (
+            f"error: train.out_dir {out} holds a run finished with other settings ({what}); to train on from it "
+            f"use a new out_dir with train.resume={out}/checkpoints/last.pt")
+
+
+def test_a_new_out_dir_that_began_from_another_runs_checkpoint_goes_on_from_its_own(tmp_path):
+    """The same command again (a requeue) continues the new out_dir, not the checkpoint it began from."""
+    source, out = tmp_path / "source", tmp_path / "out"
+    assert run_job([*TINY, "train.epochs=1", f"train.out_dir={source}"], timeout=120).returncode == 0
+    args = [*TINY, "train.epochs=4", f"train.out_dir={out}", f"train.resume={source}/checkpoints/last.pt"]
+    first = run_job([*args, "train.stop_after_epochs=2"], timeout=180)
+    assert first.returncode == 0 and f"resuming {source}/checkpoints/last.pt at epoch 2 step 0" in first.stdout
+    again = run_job(args, timeout=180)
+    assert again.returncode == 0 and f"resuming {out}/checkpoints/last.pt at epoch 4 step 0" in again.stdout
 
 
 def test_a_resume_applies_what_it_can_names_it_and_refuses_the_rest(tmp_path):

@@ -13,7 +13,8 @@ def test_two_ranks_pass(tmp_path):
         assert any(line.startswith(check) and " pass " in line for line in lines), check
     assert "world_size 2" in result.stdout and "bus bandwidth" in result.stdout and "rank 1: " in result.stdout
     assert lines[-1] == "preflight: all checks passed"
-    assert list((tmp_path / "out").iterdir()) == []  # the probe file is gone
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [".owner"]  # the probe file is gone; the lock's stays
+    assert (tmp_path / "out" / ".owner").read_text() == ""
 
 
 def test_failures_are_listed_and_exit_non_zero(tmp_path):

@@ -229,6 +229,18 @@ def test_a_version_on_other_data_never_displaces_the_champion(champion_fingerpri
     assert f"fingerprint {champion_fingerprint or 'none'}, this one data-a" in line and "not compared" in line
 
 
+def test_a_copy_that_is_not_the_verified_original_competes_under_its_own_aliases():
+    from job.registry import aliases
+
+    assert aliases(config.load(), "0123456789abcdef") == ("champion", "challenger")
+    copy = config.load(overrides=["data.verify=false"])
+    assert aliases(copy, "0123456789abcdef") == ("champion-01234567", "challenger-01234567")
+    registry = Registry({"1": 0.93, "2": 0.5}, {"1": "original", "2": "0123456789abcdef"})
+    registry.aliases["champion"] = "1"
+    line = promote(registry, "m", "2", 0.5, 0.0, "0123456789abcdef", aliases(copy, "0123456789abcdef"))
+    assert registry.aliases == {"champion": "1", "champion-01234567": "2"} and "@champion-01234567" in line
+
+
 def test_only_full_cifar10_with_the_standard_split_registers_under_the_production_name():
     from job.registry import model_name, not_production
 
@@ -269,6 +281,8 @@ def flaky_tracker(tmp_path, flush_timeout_s: int = 300) -> Tracker:
 
 
 def test_epochs_queue_while_the_server_is_away_and_go_out_in_order(tmp_path, capsys, monkeypatch):
+    for key, value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}.items():
+        monkeypatch.setenv(key, value)  # as fail_fast() leaves them when the run opens: QUICK still wins
     tracker = flaky_tracker(tmp_path)
     clock = [1000.0]
     monkeypatch.setattr("job.tracking.time.monotonic", lambda: clock[0])
