@@ -62,18 +62,22 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, runti
     was_training = model.training
     model.eval()
     scorer = FlipAverage(model) if tta == "flip" else model
+    compiled = isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
     shard = eval_shard(len(labels), runtime.rank, runtime.world_size)
     x_all, y_all = images[shard], labels[shard]
     loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=runtime.device)
     for start in range(0, len(y_all), batch_size):
         x = x_all[start:start + batch_size]
-        x = normalize(x, channels_last) if normalize_inputs else x
         y = y_all[start:start + batch_size]
+        if compiled and len(x) < batch_size:  # one shape for the compiled graph: pad, score, drop the padding
+            x = torch.cat([x, x.new_zeros((batch_size - len(x), *x.shape[1:]))])
+        x = normalize(x, channels_last) if normalize_inputs else x
         with torch.autocast(runtime.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = scorer(x).float()
+            logits = scorer(x).float()[:len(y)]  # eval-mode BatchNorm: each image's logits are its own
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-        confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes**2)
+        # index_add_, not bincount: bincount sizes its output from the data, a host sync per batch on CUDA
+        confusion.index_add_(0, y * num_classes + logits.argmax(1), torch.ones_like(y))
     dist.all_reduce(loss_sum)
     dist.all_reduce(confusion)
     model.train(was_training)

@@ -19,13 +19,16 @@ M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
 
 
 def tune(cfg: TrainConfig, runtime: Runtime) -> None:
-    """train.threads (0: this process's usable CPUs over the local ranks) and train.reuse_host_memory."""
+    """train.threads (0: this process's usable CPUs over the local ranks), train.reuse_host_memory, and
+    cuDNN's autotuner on CUDA."""
     # torch's default counts every core of the machine, not those of this container or Slurm allocation
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if cfg.threads or "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(cfg.threads or max(1, usable // runtime.local_world_size))
     if cfg.reuse_host_memory and runtime.device.type == "cpu":
         keep_freed_memory()
+    if runtime.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every shape is static: pick the fastest convolution once
 
 
 def keep_freed_memory() -> bool:

@@ -113,10 +113,11 @@ def build(cfg: Config, runtime: Runtime, steps: int, saved: dict | None) -> Part
         parts.load_state_dict(saved)
         torch.set_rng_state(saved["rng"]["torch"])
     if runtime.world_size > 1:
-        # static_graph: every parameter is used in every step, the graph never changes
+        # static_graph: every parameter is used in every step, the graph never changes; but not under compile,
+        # whose DDPOptimizer (graph breaks at bucket boundaries) has known failures with static_graph
         parts.train_model = DistributedDataParallel(
             model, device_ids=[runtime.device] if runtime.device.type == "cuda" else None,
-            gradient_as_bucket_view=True, static_graph=True, bucket_cap_mb=t.bucket_mb)
+            gradient_as_bucket_view=True, static_graph=not t.compile, bucket_cap_mb=t.bucket_mb)
         if t.grad_compression == "bf16":
             parts.train_model.register_comm_hook(None, default_hooks.bf16_compress_hook)
     parts.eval_model = parts.ema.module if parts.ema is not None else model

@@ -46,6 +46,26 @@ def test_ema_averages_weights_and_batchnorm_buffers():
     assert int(ema.n_averaged) == 3
 
 
+def test_compiled_evaluation_pads_the_last_batch_to_one_shape_and_scores_the_same(group):
+    """20 images at batch 8: the last batch of 4 is padded, so the compiled model sees one shape only."""
+    torch.manual_seed(0)
+    model = senet18(width=4).eval()
+    images = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (20,))
+    plain = evaluate(model, images, labels, CPU, batch_size=8)
+    shapes = []
+
+    def backend(graph, inputs):  # records each graph torch.compile makes (one per input shape), runs it eagerly
+        shapes.append([tuple(t.shape) for t in inputs if t.dim() == 4 and t.shape[-1] == 32][0])
+        return graph.forward
+
+    torch._dynamo.reset()
+    compiled = evaluate(torch.compile(model, backend=backend, dynamic=False), images, labels, CPU, batch_size=8)
+    assert len(shapes) == 1 and shapes[0][0] == 8
+    assert torch.equal(compiled.confusion, plain.confusion) and compiled.loss == pytest.approx(plain.loss, rel=1e-6)
+    assert compiled.count == 20
+
+
 def test_flip_tta_scores_the_mean_of_both_views(group):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))  # not flip-invariant
