@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import torch
@@ -70,21 +71,51 @@ def weights(state: dict) -> dict:
 
 
 class Checkpointer:
-    """last.pt (every save) and best.pt (best=True) of one run, written by rank 0 alone: one writer."""
+    """last.pt (every save) and best.pt (best=True) of one run, written by rank 0 alone: one writer.
+
+    save() snapshots the state to host memory (what training cannot change any more) and writes it in a
+    background thread, so the loop waits for a copy, not for serialisation and fsync; one write at a time.
+    wait() returns once the last write is on disk and raises its error if it failed: the stop path, the end
+    of training and the test wait, so a preempted or finished run leaves a complete checkpoint."""
 
     def __init__(self, out_dir: str, runtime: Runtime, config: dict):
         self.last, self.best = directory(out_dir) / "last.pt", directory(out_dir) / "best.pt"
         self.writer, self.world_size, self.config = runtime.is_main, runtime.world_size, config
+        self.thread: threading.Thread | None = None
+        self.error: CheckpointError | None = None
 
     def save(self, parts, state, best: bool = False) -> None:
         """The checkpoint built from the states of its parts (weights, optimizer, ...) and the TrainState."""
         if not self.writer:
             return
-        ckpt = {**parts.state_dict(), "train_state": state.state_dict(), "rng": {"torch": torch.get_rng_state()},
-                "config": self.config, "world_size": self.world_size}
-        save(ckpt, self.last, keep_previous=True)
-        if best:
-            same_file(self.last, self.best)
+        self.wait()  # the previous write first (and its error, if it failed)
+        ckpt = snapshot({**parts.state_dict(), "train_state": state.state_dict(),
+                         "rng": {"torch": torch.get_rng_state()}, "config": self.config, "world_size": self.world_size})
+        self.thread = threading.Thread(target=self._write, args=(ckpt, best), name="checkpoint-writer")
+        self.thread.start()
+
+    def _write(self, ckpt: dict, best: bool) -> None:
+        try:
+            save(ckpt, self.last, keep_previous=True)
+            if best:
+                same_file(self.last, self.best)
+        except CheckpointError as e:
+            self.error = e
+
+    def wait(self, raise_error: bool = True) -> None:
+        """Block until the write in flight is on disk; raise its error (unless raise_error is False)."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        error, self.error = self.error, None
+        if error is not None and raise_error:
+            raise error
+
+
+def snapshot(tree):
+    """A copy of a checkpoint's state in host memory that training can no longer change (tensors cloned)."""
+    return torch.utils._pytree.tree_map(
+        lambda v: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v, tree)
 
 
 def same_file(source: Path, path: Path) -> None:
@@ -167,7 +198,7 @@ RESUME_APPLIES = {"train.epochs", "train.label_smoothing", "train.clip_grad_norm
                   "data.test_subset", "data.root", "data.download", "data.verify", "data.url", "data.md5"}
 # where outputs go and how the launch runs, not what is trained: changed silently
 RESUME_SILENT = {f"train.{k}" for k in ("out_dir", "resume", "stop_after_epochs", "stop_signals", "timeout_s",
-                                        "checkpoint_every_steps", "step_times", "threads", "channels_last", "compile",
+                                        "checkpoint_every_steps", "checkpoint_every_epochs", "step_times", "threads", "channels_last", "compile",
                                         "reuse_host_memory", "grad_compression", "bucket_mb", "device")}
 
 

@@ -161,6 +161,8 @@ class TrainConfig:
     """Timeout of collective operations, seconds."""
     checkpoint_every_steps: int = 0
     """Also write last.pt every N optimizer steps inside an epoch (0 = at epoch ends only)."""
+    checkpoint_every_epochs: int = 1
+    """Write last.pt every N epochs (and at an epoch with the best validation accuracy, the last epoch and a stop)."""
     stop_signals: list[Signal] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGINT"])
     """Signals that make all ranks stop at the next step, checkpoint, and exit 143 (resumable); [] = none."""
 
@@ -188,6 +190,8 @@ class TrainConfig:
         _require(self.stop_after_epochs is None or self.stop_after_epochs >= 1,
                  f"train.stop_after_epochs must be >= 1 or null, got {self.stop_after_epochs}")
         _require(self.timeout_s >= 1, f"train.timeout_s must be >= 1, got {self.timeout_s}")
+        _require(self.checkpoint_every_epochs >= 1,
+                 f"train.checkpoint_every_epochs must be >= 1, got {self.checkpoint_every_epochs}")
         _require(self.checkpoint_every_steps >= 0,
                  f"train.checkpoint_every_steps must be >= 0, got {self.checkpoint_every_steps}")
 

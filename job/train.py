@@ -140,6 +140,7 @@ class StepEnd:
             state.step, state.partial = step, totals.tolist()
             self.checkpoints.save(self.parts, state)
         if stopping:
+            self.checkpoints.wait()  # on disk before the process goes
             raise Preempted(f"{self.stop.received or 'a stop signal on another rank'} "
                             f"at epoch {state.epoch + 1} step {step}")
 
@@ -150,6 +151,12 @@ def score(parts: Parts, images: torch.Tensor, labels: torch.Tensor, cfg: Config,
     return evaluate(parts.eval_model, images, labels, runtime, batch_size=t.eval_batch_size,
                     channels_last=t.channels_last, autocast_dtype=autocast_dtype(t.precision, runtime.device),
                     tta=t.tta)
+
+
+def checkpoint_due(epoch: int, end: int, every: int, *, best: bool, stopping: bool) -> bool:
+    """Whether last.pt is written after epoch (0-based): every `every` epochs, and always at a new best
+    (best.pt must hold it), at this launch's last epoch and when stopping (a resume must find it)."""
+    return best or stopping or epoch + 1 == end or (epoch + 1) % every == 0
 
 
 def train_epochs(parts: Parts, splits: Splits, cfg: Config, runtime: Runtime, state: TrainState, tracker: Tracker,
@@ -169,11 +176,15 @@ def train_epochs(parts: Parts, splits: Splits, cfg: Config, runtime: Runtime, st
                   "lr": parts.scheduler.get_last_lr()[0], "images_per_sec": stats["images"] / train_s,
                   "epoch_time_s": time.perf_counter() - tic}
         best = state.end_epoch(metrics)
-        checkpoints.save(parts, state, best=best)  # before logging: the checkpoint is what a resume trusts
+        stopping = stop.requested()
+        if checkpoint_due(epoch, end, t.checkpoint_every_epochs, best=best, stopping=stopping):
+            checkpoints.save(parts, state, best=best)  # before logging: the checkpoint is what a resume trusts
         per_epoch = (time.perf_counter() - started) / (epoch + 1 - first)
         tracker.log_epoch(metrics, t.epochs, eta_s=per_epoch * (t.epochs - epoch - 1))
-        if stop.requested():
+        if stopping:
+            checkpoints.wait()
             raise Preempted(f"{stop.received or 'a stop signal on another rank'} at the end of epoch {epoch + 1}")
+    checkpoints.wait()
     if end < t.epochs:
         tracker.info(f"stopped after epoch {end} of {t.epochs} (train.stop_after_epochs); "
                      f"run again with train.resume=auto to continue")
@@ -254,6 +265,7 @@ def train_out_dir(cfg: Config, runtime: Runtime, config_path: str | None) -> boo
         status = "KILLED"
         raise
     finally:
+        checkpoints.wait(raise_error=False)  # a crash's own error is the one to report (train_epochs raised others)
         stop.close()
         tracker.close(status)
     if not tracker.complete:

@@ -95,18 +95,52 @@ def test_checkpointer_writes_last_and_best_built_from_the_parts(tmp_path):
     parts, state = parts_of(senet18(width=4)), TrainState(epoch=2, best_epoch=1, best_val_acc=0.5)
     writer = Checkpointer(str(tmp_path), CPU, Config().to_dict())
     writer.save(parts, state)
+    writer.wait()
     assert not writer.best.exists()
     writer.save(parts, state, best=True)
+    with torch.no_grad():  # training goes on while the writer writes: the file holds the state at save()
+        parts.model.linear.weight.add_(1.0)
+    writer.wait()
     saved = checkpoint.load(writer.best)
     assert set(saved) == set(checkpoint.KEYS)
     assert saved["train_state"] == state.state_dict()
-    assert all(torch.equal(saved["model"][k], v) for k, v in parts.model.state_dict().items())
+    assert torch.equal(saved["model"]["linear.weight"] + 1.0, parts.model.linear.weight)
+    assert all(torch.equal(saved["model"][k], v) for k, v in parts.model.state_dict().items() if k != "linear.weight")
     assert checkpoint.previous(writer.last).is_file()  # the first last.pt, kept as the fallback
     assert writer.best.stat().st_ino == writer.last.stat().st_ino  # best.pt: a link, not a second serialisation
     state.epoch = 3
     writer.save(parts, state)  # the next last.pt replaces the file by a rename: best.pt keeps its bytes
+    writer.wait()
     assert checkpoint.load(writer.best)["train_state"]["epoch"] == 2
     assert checkpoint.load(writer.last)["train_state"]["epoch"] == 3
+
+
+def test_a_failed_background_write_surfaces_at_the_next_save_or_wait(tmp_path, monkeypatch):
+    writer = Checkpointer(str(tmp_path), CPU, Config().to_dict())
+    parts, state = parts_of(senet18(width=4)), TrainState(epoch=1)
+    writer.save(parts, state)
+    writer.wait()
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    writer.save(parts, TrainState(epoch=2))  # returns at once; the write fails in the thread
+    with pytest.raises(CheckpointError, match="No space left on device; the previous one is intact"):
+        writer.wait()
+    assert checkpoint.load(writer.last)["train_state"]["epoch"] == 1
+    writer.save(parts, TrainState(epoch=3))
+    with pytest.raises(CheckpointError):
+        writer.save(parts, TrainState(epoch=4))  # the next save reports the failed one before writing again
+
+
+def test_checkpoints_every_n_epochs_and_always_when_a_resume_or_best_pt_needs_one():
+    from job.train import checkpoint_due
+
+    due = [e for e in range(10) if checkpoint_due(e, 10, 3, best=False, stopping=False)]
+    assert due == [2, 5, 8, 9]  # every third, and the last
+    assert checkpoint_due(0, 10, 3, best=True, stopping=False) and checkpoint_due(0, 10, 3, best=False, stopping=True)
+    assert [e for e in range(4) if checkpoint_due(e, 4, 1, best=False, stopping=False)] == [0, 1, 2, 3]
 
 
 def test_other_ranks_write_nothing(tmp_path):
