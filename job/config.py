@@ -161,6 +161,9 @@ class TrainConfig:
     """Timeout of collective operations, seconds."""
     checkpoint_every_steps: int = 0
     """Also write last.pt every N optimizer steps inside an epoch (0 = at epoch ends only)."""
+    deterministic: bool = False
+    """CUDA: deterministic kernels (torch.use_deterministic_algorithms, no cuDNN autotuning, a fixed cuBLAS
+    workspace) so that a resume is bitwise equal to an uninterrupted run; slower. The CPU is deterministic."""
     checkpoint_every_epochs: int = 1
     """Write last.pt every N epochs (and at an epoch with the best validation accuracy, the last epoch and a stop)."""
     stop_signals: list[Signal] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGINT"])

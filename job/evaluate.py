@@ -76,8 +76,9 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, runti
         with torch.autocast(runtime.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = scorer(x).float()[:len(y)]  # eval-mode BatchNorm: each image's logits are its own
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-        # index_add_, not bincount: bincount sizes its output from the data, a host sync per batch on CUDA
-        confusion.index_add_(0, y * num_classes + logits.argmax(1), torch.ones_like(y))
+        # a one-hot sum, not bincount (which sizes its output from the data: a host sync per batch on CUDA) nor
+        # index_add_ (atomics: not deterministic on CUDA): a plain reduction, the same bits on every device
+        confusion += F.one_hot(y * num_classes + logits.argmax(1), num_classes**2).sum(0)
     dist.all_reduce(loss_sum)
     dist.all_reduce(confusion)
     model.train(was_training)

@@ -19,15 +19,19 @@ M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
 
 
 def tune(cfg: TrainConfig, runtime: Runtime) -> None:
-    """train.threads (0: this process's usable CPUs over the local ranks), train.reuse_host_memory, and
-    cuDNN's autotuner on CUDA."""
+    """train.threads (0: this process's usable CPUs over the local ranks), train.reuse_host_memory, and on CUDA
+    cuDNN's autotuner, or deterministic kernels with train.deterministic."""
     # torch's default counts every core of the machine, not those of this container or Slurm allocation
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if cfg.threads or "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(cfg.threads or max(1, usable // runtime.local_world_size))
     if cfg.reuse_host_memory and runtime.device.type == "cpu":
         keep_freed_memory()
-    if runtime.device.type == "cuda":
+    if runtime.device.type == "cuda" and cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif runtime.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # every shape is static: pick the fastest convolution once
 
 

@@ -165,6 +165,7 @@ def test_every_option_on_resumes_bit_for_bit_and_predicts_with_the_ema(tmp_path)
     assert not all(torch.equal(best["ema"]["model"][k], best["model"][k]) for k in best["model"])
 
     config_before = (split / "config.yaml").read_text()
+    (split / "finished.json").unlink()  # as if stopped after its last epoch: a finished run refuses any change
     refused = run_job([*COMMON, f"train.out_dir={split}", "train.epochs=4"])  # EMA off: its weights would be lost
     assert refused.returncode == 1
     assert refused.stderr.strip() == (f"error: checkpoint {split / 'checkpoints' / 'last.pt'} was trained with "
