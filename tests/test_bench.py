@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench import baseline, report, seed, steps
 from bench.child import run_child
@@ -137,3 +138,22 @@ def test_recipes_trains_each_arm_and_seed_and_reports_mean_and_std(tmp_path):
     statuses = [r["status"] for r in json.loads((tmp_path / "cut" / "summary.json").read_text())["runs"]]
     assert statuses.count("partial") == 2 and statuses.count("not run") == 2
     assert "| w32-base | 0 of 2 | - |" in cut.stdout
+
+
+def test_gpu_check_runs_every_part_end_to_end_in_cpu_quick_mode(tmp_path):
+    """bench/gpu_check.py as CI can run it: CUDA tests (skipped here), the step's sync audit, the bench harness."""
+    out = tmp_path / "check.json"
+    done = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--device", "cpu", "--quick", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=400,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    summary = json.loads(out.read_text())
+    assert summary["machine"]["device"] == "cpu" and summary["failed"] == []
+    assert summary["cuda_tests"]["ok"] and "skipped" in summary["cuda_tests"]["summary"]
+    assert summary["sync_audit"]["ok"] and summary["sync_audit"]["steps"] == 4
+    assert summary["bench"]["job_images_per_sec"]["eager"] > 0 and summary["bench"]["bare_step_images_per_sec"]["eager"] > 0
+    assert done.stdout.strip().splitlines()[-1] == f"gpu_check: all parts passed; summary in {out}"
+    if not torch.cuda.is_available():
+        refused = subprocess.run([sys.executable, "-m", "bench.gpu_check"], cwd=ROOT, capture_output=True, text=True,
+                                 timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert refused.returncode == 2 and refused.stderr.strip().startswith("error: --device cuda but CUDA is not")
