@@ -324,12 +324,16 @@ def test_a_password_in_the_uri_is_refused(tmp_path):
     assert "error: MLflow tracking URI http://alice:***@127.0.0.1:5000 holds a password" in result.stderr
 
 
-def test_server_gone_mid_run_loses_nothing(tmp_path):
-    server = MlflowServer(tmp_path / "mlflow").start() if (tmp_path / "mlflow").mkdir() is None else None
+def start_with_own_server(tmp_path, name: str, *extra: str):
+    """(server, out_dir, job) of a job tracked by a server of its own, which the test may stop and start."""
+    (tmp_path / "mlflow").mkdir()
+    server = MlflowServer(tmp_path / "mlflow").start()
     out = tmp_path / "out"
-    args = [*TRACKED, f"mlflow.tracking_uri={server.uri}", "mlflow.experiment=outage", "train.epochs=6",
-            "mlflow.registered_model=outage", "mlflow.flush_timeout_s=180", f"train.out_dir={out}"]
-    proc = start_job(args)
+    return server, out, start_job(tracked(server, name, *extra, f"train.out_dir={out}"))
+
+
+def test_server_gone_mid_run_loses_nothing(tmp_path):
+    server, out, proc = start_with_own_server(tmp_path, "outage", "train.epochs=6", "mlflow.flush_timeout_s=180")
     try:
         wait_for_epoch(out, 0, proc)
         server.stop()
@@ -350,12 +354,7 @@ def test_server_gone_mid_run_loses_nothing(tmp_path):
 
 
 def test_server_gone_for_good_ends_in_one_bounded_wait_that_sigterm_cuts_short_and_exit_3(tmp_path):
-    (tmp_path / "mlflow").mkdir()
-    server = MlflowServer(tmp_path / "mlflow").start()
-    out = tmp_path / "out"
-    args = [*TRACKED, f"mlflow.tracking_uri={server.uri}", "mlflow.experiment=gone", "train.epochs=3",
-            "mlflow.registered_model=gone", "mlflow.flush_timeout_s=600", f"train.out_dir={out}"]
-    proc = start_job(args)
+    server, out, proc = start_with_own_server(tmp_path, "gone", "train.epochs=3", "mlflow.flush_timeout_s=600")
     try:
         wait_for_epoch(out, 0, proc)
         server.stop()
