@@ -48,7 +48,7 @@ class Ownership:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise OutDirError(f"cannot use train.out_dir {self.out_dir}: {e.strerror or e}") from None
+            raise OutDirError(f"cannot write to train.out_dir {self.out_dir}: {e.strerror or e}") from None
         locked = True
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -109,6 +109,8 @@ def claim(cfg, runtime) -> tuple[Ownership, str | None]:
 def finished_line(cfg) -> str | None:
     """The "already finished" line when out_dir holds a finished run of this very config; None when it holds no
     finished run; raises OutDirError when it holds one made with other settings (a relaunch would lie)."""
+    if cfg.train.resume == "never":  # a fresh start was asked for: the checkpoint there is refused (resume_path)
+        return None
     path = Path(cfg.train.out_dir) / FINISHED
     try:
         done = json.loads(path.read_text())

@@ -133,7 +133,7 @@ def test_an_out_dir_the_os_rejects_is_one_line_before_any_work(tmp_path, case):
         out, reason = tmp_path / "loop" / "out", "Too many levels of symbolic links"
     result = run_job([*TINY, f"train.out_dir={out}"], timeout=120)
     assert result.returncode == 1 and result.stdout == ""
-    assert result.stderr.strip() == f"error: cannot use train.out_dir {out}: {reason}"
+    assert result.stderr.strip() == f"error: cannot write to train.out_dir {out}: {reason}"
 
 
 def test_evaluate_refuses_a_file_that_is_not_the_jobs_checkpoint(tmp_path):
