@@ -94,6 +94,13 @@ class Checkpointer:
         self.thread = threading.Thread(target=self._write, args=(ckpt, best), name="checkpoint-writer")
         self.thread.start()
 
+    def adopt_best(self, resumed: Path) -> None:
+        """Starting from another run's checkpoint: best.pt here is that run's best.pt (or the checkpoint itself),
+        since the best validation accuracy so far, which later epochs must beat, came from there."""
+        if self.writer and not self.best.exists():
+            source = resumed.parent / "best.pt"
+            same_file(source if source.is_file() else resumed, self.best)
+
     def _write(self, ckpt: dict, best: bool) -> None:
         try:
             save(ckpt, self.last, keep_previous=True)
@@ -124,6 +131,7 @@ def same_file(source: Path, path: Path) -> None:
     filesystem has no links."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp.unlink(missing_ok=True)
         try:
             os.link(source, tmp)

@@ -38,6 +38,8 @@ def check_allreduce(runtime: Runtime, megabytes: int = 64) -> str:
         dist.all_reduce(x)
     x[0].item()
     seconds = (time.perf_counter() - tic) / reps
+    if runtime.world_size == 1:
+        return f"{megabytes} MB checked; bus bandwidth n/a (one rank: nothing crosses a link)"
     bus = 2 * (runtime.world_size - 1) / runtime.world_size * n * 4 / seconds / 1e9
     return f"{megabytes} MB in {seconds * 1e3:.1f} ms, bus bandwidth {bus:.2f} GB/s"
 

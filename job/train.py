@@ -233,10 +233,10 @@ def train_out_dir(cfg: Config, runtime: Runtime, config_path: str | None) -> boo
 
     state = TrainState()
     tracker = Tracker(cfg, runtime)
+    foreign = saved is not None and checkpoint.directory(t.out_dir).resolve() != resume_path.resolve().parent
     if saved:
         state.load_state_dict(saved["train_state"])
-        if checkpoint.directory(t.out_dir).resolve() != resume_path.resolve().parent:
-            # another run's checkpoint: its MLflow run stays as it is; this out_dir's run is a new one
+        if foreign:  # another run's checkpoint: its MLflow run stays as it is; this out_dir's run is a new one
             state.mlflow_run_id = None
             tracker.tags["resumed_from"] = str(resume_path.resolve())
     tracker.info(f"senet-job: world_size {runtime.world_size}  nodes {runtime.num_nodes} "
@@ -248,6 +248,8 @@ def train_out_dir(cfg: Config, runtime: Runtime, config_path: str | None) -> boo
                      f"(config.yaml and the next checkpoint hold them)")
     parts = build(cfg, runtime, steps, saved)
     checkpoints = Checkpointer(t.out_dir, runtime, cfg.to_dict())
+    if foreign:
+        checkpoints.adopt_best(resume_path)  # the best weights so far came with the checkpoint
     stop = StopSignal(t.stop_signals, runtime.backend)
     tracker.stop = stop
 

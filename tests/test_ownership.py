@@ -84,8 +84,16 @@ def test_a_finished_out_dir_exits_0_and_touches_nothing(tmp_path):
 
 
 def test_a_new_out_dir_that_began_from_another_runs_checkpoint_goes_on_from_its_own(tmp_path):
-    """The same command again (a requeue) continues the new out_dir, not the checkpoint it began from."""
+    """The same command again (a requeue) continues the new out_dir, not the checkpoint it began from; a run that
+    never beats the source's best validation accuracy still has best.pt to test (the source's)."""
     source, out = tmp_path / "source", tmp_path / "out"
+    assert run_job([*TINY, "train.epochs=3", f"train.out_dir={source}"], timeout=120).returncode == 0
+    longer = tmp_path / "longer"  # one more epoch at the end of a cosine schedule: no new best
+    more = run_job([*TINY, "train.epochs=4", f"train.out_dir={longer}", f"train.resume={source}/checkpoints/last.pt"],
+                   timeout=120)
+    assert more.returncode == 0, more.stderr[-2000:]
+    assert (longer / "checkpoints" / "best.pt").read_bytes() == (source / "checkpoints" / "best.pt").read_bytes()
+    source = tmp_path / "source1"
     assert run_job([*TINY, "train.epochs=1", f"train.out_dir={source}"], timeout=120).returncode == 0
     args = [*TINY, "train.epochs=4", f"train.out_dir={out}", f"train.resume={source}/checkpoints/last.pt"]
     first = run_job([*args, "train.stop_after_epochs=2"], timeout=180)
