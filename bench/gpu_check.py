@@ -10,7 +10,6 @@ the time left with its accuracy. Everything goes to one JSON summary; the exit s
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from bench.child import child_env
 from bench.common import ROOT
 
 FLOP_PER_IMAGE = 3.33e9  # SENet18 training on a 32x32 image: forward + backward, multiply-adds counted twice
@@ -65,7 +65,8 @@ def sync_audit(device: str, steps: int, width: int) -> dict:
         runtime = distributed.setup(device, 120)
         try:
             splits = data.load_splits(cfg.data, runtime)
-            parts, tracker, stop = build(cfg, runtime, steps, None), Tracker(cfg, runtime), StopSignal([], runtime.backend)
+            parts, tracker = build(cfg, runtime, steps, None), Tracker(cfg, runtime)
+            stop = StopSignal([], runtime.backend)
 
             def epoch(number: int) -> None:
                 state = TrainState(epoch=number)
@@ -98,7 +99,7 @@ def bench(device: str, quick: bool, timeout_s: float, workdir: Path) -> dict:
     if quick:
         cmd.append("--quick")
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          env=child_env(None, workdir / "inductor-cache"))
     if not out.exists():
         return {"ok": False, "returncode": done.returncode, "tail": done.stderr[-2000:]}
     results = json.loads(out.read_text())
@@ -120,7 +121,7 @@ def fast_recipe(data_root: str, device: str, seconds: float, workdir: Path) -> d
     tic = time.monotonic()
     try:
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=seconds,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+                              env=child_env(None, workdir / "inductor-cache"))
         returncode = done.returncode
     except subprocess.TimeoutExpired:
         returncode = None

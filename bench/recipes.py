@@ -26,6 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from bench.child import child_env
 from bench.common import ROOT
 
 W32 = ["data.val_size=2000", "data.train_subset=20000", "model.width=32", "train.epochs=6", "train.batch_size=256",
@@ -101,8 +102,9 @@ def launch(run: Run, out: Path, overrides: list[str], threads: int) -> subproces
     out_dir = out / "runs" / run.name
     cmd = [sys.executable, "-m", "job.train", *run.args, f"train.seed={run.seed}", f"train.out_dir={out_dir}",
            f"mlflow.run_name={run.name}", *overrides]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = child_env(threads, out / "runs" / f"{run.name}.inductor-cache")
+    if os.environ.get("MLFLOW_TRACKING_URI"):  # child_env drops it (bench measures untracked); runs here may want it
+        env["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_TRACKING_URI"]
     log = open(out / "runs" / f"{run.name}.log", "wb")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     proc.started, proc.log = time.monotonic(), log

@@ -169,10 +169,15 @@ class TrainConfig:
     stop_signals: list[Signal] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGINT"])
     """Signals that make all ranks stop at the next step, checkpoint, and exit 143 (resumable); [] = none."""
 
+    @property
+    def resume_file(self) -> str | None:
+        """The checkpoint train.resume names, or None for the policies auto and never."""
+        return None if self.resume in ("auto", "never") else self.resume
+
     def __post_init__(self):
         _check_types(self, "train")
         self.out_dir = os.path.expanduser(self.out_dir)  # `~/runs` means the home directory, not a folder named ~
-        if self.resume not in ("auto", "never"):
+        if self.resume_file:
             self.resume = os.path.expanduser(self.resume)
         _require(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
         _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")

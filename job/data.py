@@ -28,6 +28,7 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 ARCHIVE = "cifar-10-python.tar.gz"
 FOLDER = "cifar-10-batches-py"  # torchvision's CIFAR10.base_folder
 SPLIT_SEED = 0  # the validation split is fixed, independent of train.seed
+SYNTHETIC_TRAIN = 50000  # images in the synthetic source's "training files", as in CIFAR-10's
 
 
 def _torchvision_cifar10():
@@ -175,7 +176,7 @@ def _prepare_cifar10(cfg: DataConfig, runtime: Runtime) -> None:
 def _source(cfg: DataConfig, runtime: Runtime):
     """((train images, labels), (test images, labels)) on the CPU, from data.source."""
     if cfg.source == "synthetic":
-        return synthetic(50000, seed=1), synthetic(10000, seed=2)
+        return synthetic(SYNTHETIC_TRAIN, seed=1), synthetic(10000, seed=2)
     _prepare_cifar10(cfg, runtime)
     return read_cifar10(cfg.root)
 
@@ -183,12 +184,18 @@ def _source(cfg: DataConfig, runtime: Runtime):
 def load_splits(cfg: DataConfig, runtime: Runtime) -> Splits:
     """Train / validation / test splits on the device, following data.* (val split first, then subsets)."""
     (x, y), (test_x, test_y) = _source(cfg, runtime)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(SPLIT_SEED))
-    val_idx, train_idx = order[:cfg.val_size], order[cfg.val_size:][:cfg.train_subset].sort().values
+    val_idx, train_idx = split(len(y), cfg)
     test_idx = _subset(len(test_y), cfg.test_subset)
     d = runtime.device
     return Splits(x[train_idx].to(d), y[train_idx].to(d), x[val_idx].to(d), y[val_idx].to(d),
                   test_x[test_idx].to(d), test_y[test_idx].to(d))
+
+
+def split(n: int, cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(validation, training) indices into n training-file images: a fixed random val_size for validation,
+    the rest (at most train_subset of it) for training, in file order."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    return order[:cfg.val_size], order[cfg.val_size:][:cfg.train_subset].sort().values
 
 
 def _subset(n: int, size: int | None) -> torch.Tensor:

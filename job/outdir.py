@@ -119,8 +119,7 @@ def finished_line(cfg) -> str | None:
     except (OSError, ValueError) as e:
         raise OutDirError(f"{path} is unreadable ({e}); delete it to run the end of the job again") from None
     applies, refused = checkpoint.config_changes(done["config"], cfg)
-    explicit = cfg.train.resume not in ("auto", "never")
-    if applies or refused or explicit:
+    if applies or refused or cfg.train.resume_file:
         what = ", ".join(applies + refused) or f"train.resume={cfg.train.resume}"
         raise OutDirError(f"train.out_dir {cfg.train.out_dir} holds a run finished with other settings ({what}); "
                           f"to train on from it use a new out_dir with "

@@ -90,9 +90,8 @@ def check_start(cfg: config.Config, runtime: Runtime) -> str:
 
 def _training_images(cfg: config.Config) -> int:
     """How many images the training split will hold (the files are read, as job.train will)."""
-    total = 50000 if cfg.data.source == "synthetic" else len(data.read_cifar10(cfg.data.root)[0][1])
-    available = max(0, total - cfg.data.val_size)
-    return available if cfg.data.train_subset is None else min(available, cfg.data.train_subset)
+    total = data.SYNTHETIC_TRAIN if cfg.data.source == "synthetic" else len(data.read_cifar10(cfg.data.root)[0][1])
+    return len(data.split(total, cfg.data)[1])
 
 
 def check_mlflow(cfg: config.Config) -> str:

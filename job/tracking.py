@@ -167,7 +167,8 @@ class Tracker:
             else:
                 why = ("has FINISHED" if found.info.status == "FINISHED"  # a finished run's record is final
                        else "was deleted" if found.info.lifecycle_stage == "deleted"
-                       else "is in another experiment (renamed?)" if found.info.experiment_id != experiment.experiment_id
+                       else "is in another experiment (renamed?)"
+                       if found.info.experiment_id != experiment.experiment_id
                        else None)
                 if why:
                     self.warn(f"MLflow run {run_id} of the checkpoint {why}; starting a new run")
@@ -271,7 +272,8 @@ class Tracker:
         while not self._send(now=True):
             stopped = self.stop is not None and self.stop.received
             if stopped or time.monotonic() > deadline:
-                why = f"{stopped} received" if stopped else f"still unreachable after {self.cfg.mlflow.flush_timeout_s}s"
+                why = (f"{stopped} received" if stopped
+                       else f"still unreachable after {self.cfg.mlflow.flush_timeout_s}s")
                 self.warn(f"MLflow {why}: {len(self.pending)} epoch(s) not sent; they are in {self.metrics_path}")
                 self.lost.append(f"{len(self.pending)} epoch(s)")
                 self.flushed = False
@@ -280,23 +282,23 @@ class Tracker:
         self.flushed = True
         return True
 
-    def register(self, weights: dict, example: torch.Tensor, val_acc: float | None, test_acc: float,
-                 data_fingerprint: str) -> None:
-        """Log the model (best.pt's weights to predict with) to the run, register it, and move @champion or
-        @challenger (job/registry.py)."""
+    def register(self, weights: dict, splits, val_acc: float | None, test_acc: float) -> None:
+        """Log the model (best.pt's weights to predict with) to the run, register it with the data's fingerprint,
+        and move @champion or @challenger (job/registry.py). Nothing (not even the fingerprint) without MLflow."""
         if not (self.active and self.mlflow):
             return
         if self.pending:
             self.lost.append("the registered model")
             return
         from job import registry
+        from job.data import fingerprint
 
         try:
-            line = registry.log_and_register(self.mlflow, weights, example, cfg=self.cfg, run_id=self.run_id,
+            line = registry.log_and_register(self.mlflow, weights, splits.test_x[:4], cfg=self.cfg, run_id=self.run_id,
                                              val_acc=val_acc, test_acc=test_acc,
                                              tags={"git_commit": self.tags.get("git_commit", "unknown"),
                                                    "config_hash": self.tags["config_hash"],
-                                                   "data_fingerprint": data_fingerprint})
+                                                   "data_fingerprint": fingerprint(splits)})
         except Exception as e:
             self.warn(f"MLflow: registering the model failed ({first_line(e)}); best.pt is in {self.cfg.train.out_dir}")
             self.lost.append("the registered model")

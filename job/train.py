@@ -202,9 +202,7 @@ def finish(parts: Parts, splits: Splits, cfg: Config, runtime: Runtime, state: T
     final = {"test_acc": test.accuracy, "test_loss": test.loss, "best_epoch": state.best_epoch,
              "best_val_acc": state.best_val_acc, "test_images": test.count}
     tracker.log_final(final, state.history, test.confusion, checkpoints.best)
-    if runtime.is_main:
-        tracker.register(checkpoint.weights(best), splits.test_x[:4], val_acc=state.best_val_acc,
-                         test_acc=test.accuracy, data_fingerprint=data.fingerprint(splits))
+    tracker.register(checkpoint.weights(best), splits, val_acc=state.best_val_acc, test_acc=test.accuracy)
     return final
 
 
