@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m job.train", description="Train SENet on CIFAR-10 with DDP.")
     parser.add_argument("--config", help="YAML file with model/data/train/mlflow sections")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--check", action="store_true",
+                        help="check the config and whether out_dir's checkpoint can be resumed with it, then exit "
+                             "(0, or 2 with the one-line error; nothing is written): the first command of a pod")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.epochs=10")
     return parser.parse_args(argv)
 
@@ -61,6 +64,20 @@ def check_resume(cfg: Config) -> tuple[Path | None, dict | None, list[str]]:
     path, saved = found
     checkpoint.check_compatible(saved, cfg, path)
     return path, saved, checkpoint.resume_changes(saved, cfg, path)
+
+
+def check(cfg: Config) -> int:
+    """--check: what fails the same way on every restart, found before torchrun starts (exit 2: a Kubernetes
+    podFailurePolicy fails the Job once instead of restarting it). Reads out_dir; writes nothing."""
+    try:
+        done = outdir.finished_line(cfg)
+        path, _, changes = (None, None, []) if done else check_resume(cfg)
+    except (ConfigError, CheckpointError, OutDirError) as e:
+        cli.error(str(e))
+        return 2
+    resume = (f"resumes {path}" + (f", changing {', '.join(changes)}" if changes else "")) if path else "starts fresh"
+    print(f"senet-job: config OK; {done or resume}", flush=True)
+    return 0
 
 
 def prepare_out_dir(cfg: Config, runtime: Runtime) -> None:
@@ -288,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(config.yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
+    if args.check:
+        return check(cfg)
     try:
         host.exit_with_launcher()  # first: the agent may die while the rendezvous below waits
         runtime = distributed.setup(cfg.train.device, cfg.train.timeout_s)
