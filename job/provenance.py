@@ -24,15 +24,18 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def git_commit(path: Path = Path(__file__).resolve().parent) -> tuple[str, bool] | None:
-    """(commit, dirty) of the git checkout holding path, or None outside one."""
+def git_commit(path: Path = Path(__file__).resolve().parent) -> tuple[str, bool | None] | None:
+    """(commit, dirty) of the git checkout holding path; outside one (an installed package, a container), the
+    commit an image was built from (SENET_GIT_COMMIT, the Dockerfile's GIT_COMMIT build arg) with dirty unknown;
+    else None."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=path, capture_output=True, text=True, timeout=10,
                               check=True).stdout.strip()
     try:
         return git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
-        return None
+        baked = os.environ.get("SENET_GIT_COMMIT", "")
+        return (baked, None) if baked and baked != "unknown" else None
 
 
 def run_tags(cfg: Config, runtime: Runtime) -> dict[str, str]:
@@ -43,7 +46,9 @@ def run_tags(cfg: Config, runtime: Runtime) -> dict[str, str]:
             "nodes": str(rt.num_nodes), "device": device, "config_hash": config_hash(cfg)}
     commit = git_commit()
     if commit:
-        tags["git_commit"], tags["git_dirty"] = commit[0], str(commit[1]).lower()
+        tags["git_commit"] = commit[0]
+        if commit[1] is not None:
+            tags["git_dirty"] = str(commit[1]).lower()
     for env, tag in (("SLURM_JOB_ID", "slurm_job_id"), ("KUBERNETES_POD_NAME", "k8s_pod"),
                      ("HOSTNAME", "host")):
         if os.environ.get(env):

@@ -421,3 +421,21 @@ def test_a_run_lands_in_its_experiment_when_another_job_created_it_at_the_same_m
         mlflow.end_run()
     assert len(calls) >= 2  # the race was taken
     assert run.info.experiment_id == mlflow.MlflowClient(tracking_uri=store).get_experiment_by_name("raced").experiment_id
+
+
+
+# ---- provenance ----------------------------------------------------------------------------------------------
+
+def test_the_commit_comes_from_git_in_a_checkout_and_from_the_image_outside_one(tmp_path, monkeypatch):
+    from job import provenance
+
+    monkeypatch.setenv("SENET_GIT_COMMIT", "f" * 40)
+    sha, dirty = provenance.git_commit(ROOT)  # a checkout wins over the environment
+    assert len(sha) == 40 and sha != "f" * 40 and dirty in (True, False)
+    assert provenance.git_commit(tmp_path) == ("f" * 40, None)  # no checkout: the Dockerfile's GIT_COMMIT
+    for unset in ("", "unknown"):  # the build arg's default says nothing
+        monkeypatch.setenv("SENET_GIT_COMMIT", unset)
+        assert provenance.git_commit(tmp_path) is None
+    monkeypatch.setattr(provenance, "git_commit", lambda: ("f" * 40, None))
+    tags = provenance.run_tags(Config(), CPU)
+    assert tags["git_commit"] == "f" * 40 and "git_dirty" not in tags  # dirty unknown: no tag rather than a guess
