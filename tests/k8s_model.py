@@ -99,9 +99,74 @@ class Pod:
 
 
 def is_torchrun(container: dict) -> bool:
-    """Whether the container's command is torchrun."""
+    """Whether the container runs torchrun: as its command, or as a command of its `sh -c` script."""
+    return torchrun_index(pod_commands(container)) is not None
+
+
+SHELLS = ("sh", "bash", "dash")
+SHELL_OPERATORS = ("&&", "||", ";", "|", "&")
+SHELL_REF = re.compile(r"\$\{(\w+)\}|\$([A-Za-z_]\w*)")
+
+
+def _logical_lines(text: str) -> list[tuple[int, str]]:
+    """A script's lines with backslash continuations joined, each numbered by its first line."""
+    out, pending, first = [], "", 0
+    for n, line in enumerate(text.splitlines(), 1):
+        first = first or n
+        if line.endswith("\\"):  # continued on the next line
+            pending += line[:-1] + " "
+            continue
+        out.append((first, pending + line))
+        pending, first = "", 0
+    return out
+
+
+def shell_tokens(line: str) -> list[str]:
+    """A shell line's words and operators (&& needs no spaces around it), comments left out."""
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    return list(lexer)
+
+
+def pod_commands(container: dict, env: dict | None = None, where: str = "") -> list[tuple[str, list[str]]]:
+    """The commands a container runs, each after the shell operator that joins it to the one before ("" for the
+    first): its command itself, or those of its `sh -c SCRIPT NAME ARGS...` with the script's "$@" made ARGS.
+    Given the container's environment, Kubernetes' $(VAR) and the shell's $VAR are expanded as in the pod."""
     command = container.get("command", []) + container.get("args", [])
-    return bool(command) and Path(command[0]).name == "torchrun"
+    if env is not None:
+        command = [_expand_k8s(a, env, where) for a in command]
+    if len(command) < 3 or Path(command[0]).name not in SHELLS or command[1] != "-c":
+        return [("", command)]
+    script = re.sub(r'"\$@"|\$@', lambda _: shlex.join(command[4:]), command[2])
+    if env is not None:
+        def sub(m):
+            name = m.group(1) or m.group(2)
+            assert name in env, f"{where}: ${name} is not in the container's environment"
+            return env[name]
+        script = SHELL_REF.sub(sub, script)
+    tokens = []
+    for _, line in _logical_lines(script):
+        line_tokens = shell_tokens(line)
+        if line_tokens and tokens and tokens[-1] not in SHELL_OPERATORS:  # a line break ends a command
+            tokens.append(";")
+        tokens += line_tokens
+    out, operator, current = [], "", []
+    for token in tokens:
+        if token in SHELL_OPERATORS:
+            out.append((operator, current))
+            operator, current = token, []
+        else:
+            current.append(token)
+    return [*out, (operator, current)]
+
+
+def torchrun_index(commands: list[tuple[str, list[str]]]) -> int | None:
+    """Which of the commands runs torchrun (directly or by exec), if one does."""
+    for i, (_, tokens) in enumerate(commands):
+        tokens = tokens[1:] if tokens[:1] == ["exec"] else tokens
+        if tokens and Path(tokens[0]).name == "torchrun":
+            return i
+    return None
 
 
 def trainjob_pod(tj: dict) -> dict:
@@ -234,6 +299,8 @@ class Launch:
     argv: list[str]  # after torchrun
     env: dict
     pod: Pod | None = None
+    container: dict | None = None
+    commands: list[tuple[str, list[str]]] = field(default_factory=list)  # the container's, torchrun's among them
 
 
 K8S_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
@@ -257,16 +324,67 @@ def k8s_launches() -> list[Launch]:
                 continue
             env = {e["name"]: e.get("value", f"<{e['name']}>") for e in c.get("env", [])}
             env.update(pod.operator_env)
-            command = c.get("command", []) + c.get("args", [])
-            out.append(Launch(f"{pod.where}:{c['name']}", command[1:], env, pod))
+            where = f"{pod.where}:{c['name']}"
+            commands = pod_commands(c, env, where)
+            torchrun = commands[torchrun_index(commands)][1]
+            argv = torchrun[2:] if torchrun[0] == "exec" else torchrun[1:]
+            out.append(Launch(where, argv, env, pod, c, commands))
     return out
+
+
+def check_first_problems(launch: Launch) -> list[str]:
+    """What keeps a pod from running `python -m job.train --check` with torchrun's job arguments first, and
+    torchrun only once it passed, in the shell's place so that the pod's SIGTERM reaches it (empty: nothing)."""
+    i = torchrun_index(launch.commands)
+    torchrun = launch.commands[i][1]
+    if i == 0:
+        return ["torchrun starts without `python -m job.train --check` before it"]
+    problems = []
+    if any(op != "&&" for op, _ in launch.commands[1:i + 1]):
+        problems.append("torchrun does not depend on the check: join them with &&")
+    check = launch.commands[i - 1][1]
+    job = launch.argv[launch.argv.index("job.train") + 1:] if "job.train" in launch.argv else None
+    if not check or not re.fullmatch(r"python3?", Path(check[0]).name) or check[1:4] != ["-m", "job.train", "--check"]:
+        problems.append(f"the command before torchrun is not `python -m job.train --check`: {shlex.join(check)}")
+    elif check[4:] != job:
+        problems.append(f"the check's arguments {check[4:]} are not torchrun's job arguments {job}")
+    if torchrun[0] != "exec":
+        problems.append("torchrun does not replace the shell (exec): the pod's SIGTERM would stop at the shell")
+    return problems
+
+
+def ignored_flags(launch: Launch, rdzv_backend: str) -> list[str]:
+    """The torchrun options of the line that its rendezvous ignores, so that they only read as if they worked:
+    a node rank or master address beside a c10d rendezvous (it numbers the nodes in the order they join)."""
+    if rdzv_backend == "static":
+        return []
+    return [a for a in launch.argv if re.match(r"--(node|master)[_-](rank|addr|port)\b", a)]
+
+
+def local_paths(pod: Pod, container: dict, tmp_path: Path) -> dict[str, Path]:
+    """The container's mount paths -> directories under tmp_path as the pod's first start finds them: the
+    ConfigMaps' files (their mount paths made local too), every other volume empty."""
+    volumes = {v["name"]: v for v in pod.spec.get("volumes", [])}
+    paths = {m["mountPath"]: tmp_path / m["name"] for m in container.get("volumeMounts", [])}
+    for m in container.get("volumeMounts", []):
+        paths[m["mountPath"]].mkdir()
+        if "configMap" in volumes[m["name"]]:
+            for key, text in find("ConfigMap", volumes[m["name"]]["configMap"]["name"])["data"].items():
+                (paths[m["mountPath"]] / key).write_text(localize(text, paths))
+    return paths
+
+
+def localize(text: str, paths: dict[str, Path]) -> str:
+    """text with each mount path (followed by /, a space or the end) made its local directory."""
+    for mount, local in paths.items():
+        text = re.sub(re.escape(mount) + r"(?=/|$|\s)", str(local), text, flags=re.MULTILINE)
+    return text
 
 
 PLAUSIBLE = {"SLURM_NNODES": "2", "SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_ON_NODE": "4", "SLURM_NODEID": "0",
              "SLURM_PROCID": "0", "SLURM_JOB_ID": "12345", "SLURM_JOB_NODELIST": "node[001-002]",
              "SLURM_SUBMIT_DIR": str(ROOT), "MASTER_ADDR": "node001", "MASTER_PORT": "29500", "HOME": "/home/u"}
 ARGS = "__ARGS__"  # where a shell function's "$@" goes
-SHELL_OPERATORS = ("&&", "||", ";", "|", "&")
 
 
 def _expand_shell(text: str, variables: dict) -> str:
@@ -279,19 +397,6 @@ def _expand_shell(text: str, variables: dict) -> str:
     while braces.search(text):  # ${X:-default}, innermost first
         text = braces.sub(lambda m: variables.get(m.group(1), "1" if m.group(2) is None else m.group(2)), text)
     return re.sub(r"\$(\w+)", lambda m: variables.get(m.group(1), "1"), text)
-
-
-def _logical_lines(text: str) -> list[tuple[int, str]]:
-    """A script's lines with backslash continuations joined, each numbered by its first line."""
-    out, pending, first = [], "", 0
-    for n, line in enumerate(text.splitlines(), 1):
-        first = first or n
-        if line.endswith("\\"):  # continued on the next line
-            pending += line[:-1] + " "
-            continue
-        out.append((first, pending + line))
-        pending, first = "", 0
-    return out
 
 
 def _until_operator(tokens: list[str]) -> list[str]:
@@ -434,6 +539,52 @@ def launch_id(launch: Launch) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Launchers: how each is admitted, and how it fails on the check's exit 2
+
+KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+SUSPEND = {"Job": ("spec", "suspend"), "PyTorchJob": ("spec", "runPolicy", "suspend"), "TrainJob": ("spec", "suspend")}
+
+
+def launchers() -> list[tuple[str, dict]]:
+    """The documents whose pods train, with their file names."""
+    names = {pod.launcher for pod in TRAINING}
+    return [(n, d) for n, d in DOCS if f"{d['kind']}/{d['metadata']['name']}" in names]
+
+
+def admission_problems(doc: dict) -> list[str]:
+    """What keeps a launcher from waiting, suspended, until Kueue admits all its pods at once (empty: nothing)."""
+    problems = []
+    queue = doc["metadata"].get("labels", {}).get(KUEUE_QUEUE)
+    if not queue:
+        problems.append(f"no {KUEUE_QUEUE} label")
+    elif len(queue) > 63 or not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", queue):
+        problems.append(f"{KUEUE_QUEUE}: {queue!r} is not a LocalQueue name")
+    path = SUSPEND.get(doc["kind"])
+    if path is None:
+        return [*problems, f"{doc['kind']}: no known suspend field"]
+    node: Any = doc
+    for key in path:
+        node = node.get(key) if isinstance(node, dict) else None
+    if node is not True:
+        problems.append(f"{'.'.join(path)} is not true")
+    return problems
+
+
+def exit_2_problems(job: dict, container: str) -> list[str]:
+    """What keeps a batch/v1 Job from failing at once, without a retry, when `container` exits 2 (the check's
+    verdict): restartPolicy Never, and a podFailurePolicy whose first rule to match that exit is FailJob."""
+    if job["spec"]["template"]["spec"].get("restartPolicy") != "Never":
+        return ["restartPolicy is not Never: the kubelet restarts the container in place, past podFailurePolicy"]
+    for rule in job["spec"].get("podFailurePolicy", {}).get("rules", []):
+        codes = rule.get("onExitCodes")
+        if codes is None or codes.get("containerName", container) != container:
+            continue  # a rule on pod conditions: a container's exit code sets none
+        if (2 in codes["values"]) == (codes["operator"] == "In"):
+            return [] if rule["action"] == "FailJob" else [f"exit 2 of {container} meets a rule {rule['action']} first"]
+    return [f"no podFailurePolicy rule fails the Job on exit 2 of {container}"]
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Schemas
 
 def kubernetes_validate(doc: dict, version: str) -> None:
@@ -535,17 +686,107 @@ def http_status(port: int, path: str, host: str) -> int:
         conn.close()
 
 
-def dockerfile_instructions() -> list[tuple[str, str]]:
-    """The Dockerfile as (INSTRUCTION, arguments), continuation lines joined, comments left out."""
-    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+DOCKERFILE = ROOT / "Dockerfile"  # the training image's
+DOCKERFILES = sorted(ROOT.glob("Dockerfile*"))
+STORE_DRIVERS = {"postgresql": "psycopg2-binary", "mysql": "pymysql", "mssql": "pyodbc", "s3": "boto3",
+                 "gs": "google-cloud-storage", "wasbs": "azure-storage-blob"}  # MLflow's stores by URI scheme
+
+
+def dockerfile_instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
+    """A Dockerfile as (INSTRUCTION, arguments), continuation lines joined, comments left out."""
+    text = re.sub(r"\\\n", " ", path.read_text())
     return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1].strip()) for line in text.splitlines()
             if line.strip() and not line.lstrip().startswith("#")]
 
 
-def dockerfile_user() -> tuple[int, int]:
+def built_image(path: Path) -> str:
+    """The image a Dockerfile builds, as the `docker build ... -t IMAGE` of its header names it."""
+    match = re.search(r"^#\s+docker build .*?-t\s+(\S+)", path.read_text(), re.MULTILINE)
+    assert match, f"{path.name}: no `docker build ... -t IMAGE` in its header"
+    return match.group(1)
+
+
+def image_dockerfile(image: str) -> Path:
+    """The Dockerfile that builds an image the manifests run."""
+    built = {built_image(p): p for p in DOCKERFILES}
+    assert image in built, f"no Dockerfile builds {image} (they build {sorted(built)})"
+    return built[image]
+
+
+def pip_installs(ops: list[tuple[str, str]]) -> list[str]:
+    """The requirements that `pip install` in RUN instructions is given (its options left out)."""
+    out = []
+    for op, arg in ops:
+        tokens = shell_tokens(arg) if op == "RUN" else []
+        for i in [i for i in range(len(tokens) - 1) if tokens[i:i + 2] == ["pip", "install"]]:
+            for token in tokens[i + 2:]:
+                if token in SHELL_OPERATORS:
+                    break
+                if not token.startswith("-"):
+                    out.append(token)
+    return out
+
+
+def provenance_problems(ops: list[tuple[str, str]]) -> list[str]:
+    """What keeps the image from carrying the commit it was built from (build argument GIT_COMMIT) as the label
+    org.opencontainers.image.revision and as SENET_GIT_COMMIT for the job, without a new commit redoing the
+    dependency install (empty: nothing)."""
+    declared = [i for i, (op, arg) in enumerate(ops) if op == "ARG" and re.fullmatch(r"GIT_COMMIT(=\S*)?", arg)]
+    if not declared:
+        return ["no ARG GIT_COMMIT"]
+    after, value = ops[declared[0] + 1:], r'"?\$\{?GIT_COMMIT\}?"?'
+    problems = []
+    if not any(op == "ENV" and re.search(rf"(^|\s)SENET_GIT_COMMIT={value}(\s|$)", arg) for op, arg in after):
+        problems.append("no ENV SENET_GIT_COMMIT=${GIT_COMMIT} after the ARG")
+    if not any(op == "LABEL" and re.search(rf"org\.opencontainers\.image\.revision={value}", arg) for op, arg in after):
+        problems.append("no LABEL org.opencontainers.image.revision=${GIT_COMMIT} after the ARG")
+    if any(op == "RUN" for op, _ in after):
+        problems.append("a RUN after ARG GIT_COMMIT: every new commit would run it again, uncached")
+    return problems
+
+
+def server_image_problems(ops: list[tuple[str, str]], manifest: str, pyproject: str) -> list[str]:
+    """What keeps an image from serving a manifest's MLflow stores: MLflow pinned to a version that pyproject
+    admits, and the driver of every store scheme the manifest names, every requirement pinned (empty: nothing)."""
+    from packaging.requirements import Requirement
+
+    wanted = Requirement(re.search(r'"(mlflow[^"]*)"', pyproject).group(1))
+    pinned = {}
+    problems = []
+    for spec in pip_installs(ops):
+        req = Requirement(spec)
+        version = next((s.version for s in req.specifier if s.operator == "=="), None)
+        if version is None:
+            problems.append(f"{spec} is not pinned (==)")
+        pinned[req.name.lower()] = version
+    if "mlflow" not in pinned:
+        problems.append("MLflow is not installed")
+    elif pinned["mlflow"] and not wanted.specifier.contains(pinned["mlflow"]):
+        problems.append(f"mlflow=={pinned['mlflow']} is not what pyproject asks for ({wanted})")
+    for scheme in sorted(set(re.findall(r"\b([a-z0-9]+)(?:\+\w+)?://", manifest)) & STORE_DRIVERS.keys()):
+        if STORE_DRIVERS[scheme] not in pinned:
+            problems.append(f"{scheme}:// needs {STORE_DRIVERS[scheme]}")
+    return problems
+
+
+def probe_problems(container: dict, port: int) -> list[str]:
+    """What keeps the kubelet from telling a ready and a live server: readiness and liveness probes (and any
+    startup probe) on /health at the port it serves (empty: nothing)."""
+    ports = {p.get("name"): p["containerPort"] for p in container.get("ports", [])}
+    problems = [f"no {name}" for name in ("readinessProbe", "livenessProbe") if name not in container]
+    for name in [n for n in ("startupProbe", "readinessProbe", "livenessProbe") if n in container]:
+        get = container[name].get("httpGet")
+        if get is None:
+            problems.append(f"{name} is not an HTTP GET")
+        elif get.get("path") != "/health" or ports.get(get["port"], get["port"]) != port:
+            problems.append(f"{name} asks {get.get('path')} on port {get['port']}, not /health on {port}")
+    return problems
+
+
+def dockerfile_user(path: Path = DOCKERFILE) -> tuple[int, int]:
     """The image's numeric, non-root USER as (uid, gid)."""
-    users = [arg for op, arg in dockerfile_instructions() if op == "USER"]
-    assert users, "the Dockerfile sets no USER"
+    users = [arg for op, arg in dockerfile_instructions(path) if op == "USER"]
+    assert users, f"{path.name} sets no USER"
     match = re.fullmatch(r"(\d+)(?::(\d+))?", users[-1])
     assert match, f"USER {users[-1]} is not numeric (the kubelet can only check a numeric runAsNonRoot)"
     uid, gid = int(match.group(1)), int(match.group(2) or match.group(1))

@@ -4,10 +4,12 @@ No cluster and no Docker: every manifest is checked strictly against the Kuberne
 kubernetes-validate (Kubernetes 1.31, the oldest minor these manifests claim, where Job podFailurePolicy
 is GA, and 1.37, the newest it ships); TrainJob and PyTorchJob against their CRDs in ../shared/schemas,
 and the pods inside them strictly as Pods. Every torchrun line is parsed by torchrun's own parser in the
-environment its operator would give it, and its job arguments by job.config. hadolint lints the Dockerfile.
+environment its operator would give it, and its job arguments by job.config; the check that every training pod
+runs before torchrun is run on the ConfigMap's config. hadolint lints every Dockerfile.
 """
 
 import copy
+import dataclasses
 import importlib.util
 import os
 import re
@@ -24,15 +26,20 @@ pytest.register_assert_rewrite("tests.k8s_model")  # its asserts explain their f
 
 from job import config  # noqa: E402
 from tests.k8s_model import (  # noqa: E402
-    CRDS, DOCS, EXPECTED_FILES, GPU, KUBERNETES_VERSIONS, LAUNCHES, LAUNCHES_ERROR, LOADED, PODS, PODS_ERROR, ROOT,
-    TRAINING, as_pod, broken_copy, by_name, config_file_text, container_env, crd_errors, doc_id,
-    dockerfile_instructions, dockerfile_user, find, free_port, hadolint, http_status, is_torchrun, job_config,
-    k8s_launches, kubernetes_validate, launch_id, mlflow_server, need, parse_torchrun, pod_id, security_problems,
-    shell_launches, strings)
+    CRDS, DOCKERFILE, DOCKERFILES, DOCS, EXPECTED_FILES, GPU, K8S, KUBERNETES_VERSIONS, KUEUE_QUEUE, LAUNCHES,
+    LAUNCHES_ERROR, LOADED, PODS, PODS_ERROR, ROOT, TRAINING, admission_problems, as_pod, broken_copy, built_image,
+    by_name, check_first_problems, config_file_text, container_env, crd_errors, doc_id, dockerfile_instructions,
+    dockerfile_user, exit_2_problems, find, free_port, hadolint, http_status, ignored_flags, image_dockerfile,
+    is_torchrun, job_config, k8s_launches, kubernetes_validate, launch_id, launchers, local_paths, localize,
+    mlflow_server, need, parse_torchrun, pip_installs, pod_id, probe_problems, provenance_problems,
+    security_problems, server_image_problems, shell_launches, strings, torchrun_index)
 
 BUILTIN_DOCS = [(n, d) for n, d in DOCS if (d["apiVersion"], d["kind"]) not in CRDS]
 CRD_DOCS = [(n, d) for n, d in DOCS if (d["apiVersion"], d["kind"]) in CRDS]
 CRD_PODS = [p for p in PODS if p.launcher.split("/")[0] in {k for _, k in CRDS}]  # pods that the operators make
+K8S_LAUNCHES = [launch for launch in LAUNCHES if launch.pod is not None]
+LAUNCHERS = launchers() if PODS_ERROR is None else []
+SERVER_DOCKERFILE = ROOT / "Dockerfile.mlflow"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -72,7 +79,8 @@ def test_pods_inside_crd_kinds_validate_strictly(pod, version):
     kubernetes_validate(as_pod(pod.spec, "x"), version)
 
 
-@pytest.mark.parametrize("check", ["builtin", "crd", "crd-pod", "security", "overrides"])
+@pytest.mark.parametrize("check", ["builtin", "crd", "crd-pod", "security", "overrides", "check-first", "exit-2",
+                                   "admission", "ignored-flags", "probes", "provenance", "server-image"])
 def test_checks_reject_a_broken_copy(check, tmp_path, monkeypatch):
     """The validators above are not vacuous: one deliberate mistake each, caught."""
     if check == "builtin":  # a misspelled container field in the Indexed Job
@@ -96,11 +104,62 @@ def test_checks_reject_a_broken_copy(check, tmp_path, monkeypatch):
         pod.spec["volumes"] = [v for v in pod.spec["volumes"] if "emptyDir" not in v]
         problems = " ".join(security_problems(pod, dockerfile_user()[0]))
         assert "allowPrivilegeEscalation" in problems and "literal value" in problems and "/dev/shm" in problems
-    else:
+    elif check == "overrides":
         launch = copy.deepcopy(k8s_launches()[0])
         launch.argv.append("train.epochz=3")
         with pytest.raises(pytest.fail.Exception, match="did you mean train.epochs"):
             job_config(launch, parse_torchrun(launch, monkeypatch), tmp_path)
+    elif check == "check-first":  # torchrun alone; after `;`; without exec; the check given other arguments
+        launch = k8s_launches()[0]
+        check_line, torchrun = launch.commands[-2][1], launch.commands[-1][1]
+        other = [*check_line[:-1], "train.out_dir=/mnt/senet/runs/other"]
+        for commands, problem in (([("", torchrun[1:])], "without"), ([("", check_line), (";", torchrun)], "&&"),
+                                  ([("", check_line), ("&&", torchrun[1:])], "exec"),
+                                  ([("", other), ("&&", torchrun)], "not torchrun's job arguments")):
+            assert problem in " ".join(check_first_problems(dataclasses.replace(launch, commands=commands))), commands
+    elif check == "exit-2":  # no FailJob rule; a Count rule for 2 before it; restartPolicy OnFailure
+        name = next(launch.container["name"] for launch in k8s_launches() if launch.pod.launcher.startswith("Job/"))
+        rules = ["spec", "podFailurePolicy", "rules"]
+        job = broken_copy("indexed-job.yaml", rules, [])
+        assert "no podFailurePolicy rule" in " ".join(exit_2_problems(job, name))
+        count = {"action": "Count", "onExitCodes": {"operator": "NotIn", "values": [0]}}
+        kept = find("Job", "senet-indexed")["spec"]["podFailurePolicy"]["rules"]
+        job = broken_copy("indexed-job.yaml", rules, [count, *kept])
+        assert "rule Count first" in " ".join(exit_2_problems(job, name))
+        job = broken_copy("indexed-job.yaml", ["spec", "template", "spec", "restartPolicy"], "OnFailure")
+        assert "restartPolicy" in " ".join(exit_2_problems(job, name))
+    elif check == "admission":  # no queue label; suspend false; suspend where PyTorchJob has none (its CRD says so)
+        job = broken_copy("indexed-job.yaml", ["metadata", "labels"], {})
+        assert f"no {KUEUE_QUEUE}" in " ".join(admission_problems(job))
+        assert "spec.suspend" in " ".join(admission_problems(broken_copy("trainjob.yaml", ["spec", "suspend"], False)))
+        pytorchjob = broken_copy("pytorchjob.yaml", ["spec", "suspend"], True)
+        del pytorchjob["spec"]["runPolicy"]["suspend"]
+        assert "runPolicy.suspend" in " ".join(admission_problems(pytorchjob))
+        assert any(e.startswith("spec:") and "suspend" in e for e in crd_errors(pytorchjob))
+    elif check == "ignored-flags":
+        launch = copy.deepcopy(k8s_launches()[0])
+        launch.argv.insert(0, "--node_rank=1")
+        assert ignored_flags(launch, "c10d") == ["--node_rank=1"] and ignored_flags(launch, "static") == []
+    elif check == "probes":  # the readiness probe on another port; no liveness probe
+        _, container, _ = mlflow_server()
+        container = copy.deepcopy(container)
+        container["readinessProbe"]["httpGet"]["port"] = 8080
+        del container["livenessProbe"]
+        problems = " ".join(probe_problems(container, 5000))
+        assert "readinessProbe asks /health on port 8080" in problems and "no livenessProbe" in problems
+    elif check == "provenance":  # no ENV; the ARG before the install
+        ops = dockerfile_instructions()
+        no_env = [(op, arg) for op, arg in ops if not (op == "ENV" and "SENET_GIT_COMMIT" in arg)]
+        assert "no ENV SENET_GIT_COMMIT" in " ".join(provenance_problems(no_env))
+        arg = next(o for o in ops if o[0] == "ARG" and o[1].startswith("GIT_COMMIT"))
+        early = [ops[0], arg, *[o for o in ops[1:] if o != arg]]
+        assert "a RUN after ARG GIT_COMMIT" in " ".join(provenance_problems(early))
+    else:  # an unpinned driver, an MLflow older than pyproject allows, a store without its driver
+        manifest, pyproject = (K8S / "mlflow-server.yaml").read_text(), (ROOT / "pyproject.toml").read_text()
+        ops = [("RUN", "python -m pip install --no-cache-dir mlflow==2.22.0 boto3 && mlflow --version")]
+        problems = " ".join(server_image_problems(ops, manifest, pyproject))
+        assert "boto3 is not pinned" in problems and "mlflow==2.22.0 is not" in problems
+        assert "postgresql:// needs psycopg2-binary" in problems
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -114,6 +173,7 @@ def test_torchrun_lines_parse_and_run_job_train_with_valid_overrides(launch, tmp
             f"{launch.where}: no module {args.training_script}"
         return
     cfg = job_config(launch, args, tmp_path)
+    assert ignored_flags(launch, args.rdzv_backend) == [], "the rendezvous ignores them: they only read as working"
     pod = launch.pod
     if pod is None:  # a Slurm script: torchrun accepts it and the job's arguments are valid
         return
@@ -141,6 +201,48 @@ def test_indexed_job_and_its_headless_service_agree():
     assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
     names = {c["name"] for c in pod["containers"]}
     assert all(r["onExitCodes"]["containerName"] in names for r in rules if "onExitCodes" in r)
+
+
+@pytest.mark.parametrize("launch", K8S_LAUNCHES, ids=launch_id)
+def test_training_pods_check_the_config_before_torchrun(launch, tmp_path, capfd):
+    """The pod's own check, run on the ConfigMap's config: it passes (writing nothing), and a mistake in the job's
+    arguments ends it with exit 2 and one line."""
+    from job.train import main
+
+    assert check_first_problems(launch) == []
+    paths = local_paths(launch.pod, launch.container, tmp_path)
+    empty = [path for path in paths.values() if not any(path.iterdir())]  # the shared volume among them
+    check = [localize(a, paths) for a in launch.commands[torchrun_index(launch.commands) - 1][1][3:]]
+    capfd.readouterr()
+    assert main(check) == 0, capfd.readouterr().err
+    assert "senet-job: config OK; starts fresh" in capfd.readouterr().out
+    assert main([*check, "train.epochz=3"]) == 2
+    err = capfd.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "train.epochz" in err[0], err
+    assert empty and not any(any(path.iterdir()) for path in empty), "the check wrote to a volume"
+
+
+def test_indexed_job_fails_at_once_when_the_check_exits_2():
+    for launch in [launch for launch in K8S_LAUNCHES if launch.pod.launcher.startswith("Job/")]:
+        job = find(*launch.pod.launcher.split("/"))
+        assert exit_2_problems(job, launch.container["name"]) == []
+
+
+def test_pytorchjob_retries_of_the_check_are_counted():
+    """Its API has no rule per exit code that spares torchrun's exit 1 on SIGTERM (k8s/pytorchjob.yaml): the
+    check's exit 2 restarts in place, counted against backoffLimit, which counts restarts of Running pods only."""
+    for _, doc in [(n, d) for n, d in LAUNCHERS if d["kind"] == "PyTorchJob"]:
+        assert isinstance(doc["spec"]["runPolicy"].get("backoffLimit"), int)
+        for replica in doc["spec"]["pytorchReplicaSpecs"].values():
+            assert replica["restartPolicy"] == "OnFailure"
+            assert not replica["template"]["spec"].get("initContainers"), "a failing init container is never counted"
+
+
+@pytest.mark.parametrize("name,doc", LAUNCHERS, ids=[doc_id(n, d) for n, d in LAUNCHERS])
+def test_launchers_wait_suspended_for_kueue(name, doc):
+    assert admission_problems(doc) == []
+    line = next(line for line in (K8S / name).read_text().splitlines() if f"{KUEUE_QUEUE}:" in line)
+    assert "# EDIT" in line, "the queue is the cluster's: mark it for editing"
 
 
 def test_every_launcher_uses_the_same_config_and_its_own_out_dir(tmp_path, monkeypatch):
@@ -205,9 +307,9 @@ def test_slurm_scripts_launch_job_train():
 
 @pytest.mark.parametrize("pod", PODS, ids=pod_id)
 def test_pod_security(pod):
-    assert security_problems(pod, dockerfile_user()[0]) == []
+    uid, gid = dockerfile_user(image_dockerfile(pod.spec["containers"][0]["image"]))
+    assert security_problems(pod, uid) == []
     sc = pod.spec["securityContext"]
-    gid = dockerfile_user()[1]
     assert sc.get("runAsGroup", gid) == gid and sc.get("fsGroup", gid) == gid
 
 
@@ -287,8 +389,7 @@ def test_mlflow_server_settings():
     assert container_env(container)["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"]["value"] == "false"
     spec = deployment["spec"]["template"]["spec"]
     assert spec["enableServiceLinks"] is False, "a Service named mlflow sets MLFLOW_PORT, mlflow server's --port"
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["httpGet"]["path"] == "/health"
+    assert probe_problems(container, options["port"]) == []
     assert {"cpu", "memory"} <= container["resources"]["requests"].keys() & container["resources"]["limits"].keys()
     # the URI the training pods get reaches this Service, and the server accepts its Host header
     uri = urlsplit(find("ConfigMap", "mlflow-tracking")["data"]["MLFLOW_TRACKING_URI"])
@@ -305,14 +406,15 @@ def test_mlflow_server_settings():
 
 def test_mlflow_server_starts_with_the_manifest_settings(tmp_path):
     """The manifest's command and environment, with the volume under tmp_path: /health, and Host checks."""
-    _, container, args = mlflow_server()
-    mount = container["volumeMounts"][0]["mountPath"]
+    deployment, container, args = mlflow_server()
+    pod = next(p for p in PODS if p.spec is deployment["spec"]["template"]["spec"])
+    paths = local_paths(pod, container, tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
     for source in container["envFrom"]:
         if "configMapRef" in source:
-            env.update({k: re.sub(re.escape(mount) + "(?=/|$)", str(tmp_path), v, count=1) for k, v in
-                        find("ConfigMap", source["configMapRef"]["name"])["data"].items()})
+            settings = find("ConfigMap", source["configMapRef"]["name"])["data"]
+            env.update({k: localize(v, paths) for k, v in settings.items()})
     port = free_port()
     args = [a for a in args if not a.startswith(("--host", "--port"))] + ["--host=127.0.0.1", f"--port={port}"]
     with open(tmp_path / "server.log", "wb") as log:
@@ -333,7 +435,8 @@ def test_mlflow_server_starts_with_the_manifest_settings(tmp_path):
         search = "/api/2.0/mlflow/experiments/search?max_results=1"
         assert http_status(port, search, uri.netloc) == 200
         assert http_status(port, search, "evil.example.com") == 403
-        assert (tmp_path / "mlflow.db").is_file(), "the run store is not where the ConfigMap puts it"
+        assert any(path.joinpath("mlflow.db").is_file() for path in paths.values()), \
+            "the run store is not on the volume where the ConfigMap puts it"
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -346,8 +449,9 @@ def test_mlflow_server_starts_with_the_manifest_settings(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # Tests: the image
 
-def test_hadolint_is_clean():
-    result = subprocess.run([hadolint(), "--no-color", "Dockerfile"], cwd=ROOT, capture_output=True, text=True,
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_hadolint_is_clean(path):
+    result = subprocess.run([hadolint(), "--no-color", path.name], cwd=ROOT, capture_output=True, text=True,
                             check=False)
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
     bad = subprocess.run([hadolint(), "--no-color", "-"], input="FROM pytorch/pytorch:latest\nRUN pip install x\n",
@@ -355,33 +459,64 @@ def test_hadolint_is_clean():
     assert bad.returncode != 0 and "DL3007" in bad.stdout, "hadolint finds nothing in a bad Dockerfile"
 
 
-def test_dockerfile_base_user_and_entrypoint():
-    ops = dockerfile_instructions()
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_base_user_and_entrypoint(path):
+    ops = dockerfile_instructions(path)
     bases = [arg.split()[0] for op, arg in ops if op == "FROM"]
+    assert bases, f"{path.name}: no FROM"
     for base in bases:
         name, _, tag = base.partition("@")[0].rpartition(":")
         assert name and re.fullmatch(r"\d+\.\d+\.\d+[-\w.]*", tag), f"FROM {base}: pin a full version tag"
-        assert "runtime" in tag, f"FROM {base}: a runtime image, not devel"
+        assert "devel" not in tag, f"FROM {base}: a runtime image, not devel"
     assert not [op for op, _ in ops if op == "ENTRYPOINT"], "the manifests state their commands"
-    dockerfile_user()
+    dockerfile_user(path)
 
 
-def test_dockerfile_copies_what_the_build_needs():
+def test_dockerfile_installs_the_package_with_its_gpu_extra():
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert re.search(r"^gpu\s*=", pyproject, re.MULTILINE), "pyproject has no gpu extra"
+    extras = {e.strip() for spec in pip_installs(dockerfile_instructions())
+              if (m := re.fullmatch(r"\./?\[([^\]]*)\]", spec)) for e in m.group(1).split(",")}
+    assert "gpu" in extras, "MLflow's GPU system metrics need nvidia-ml-py (the gpu extra) in the training image"
+
+
+def test_dockerfile_exports_the_git_commit():
+    assert provenance_problems(dockerfile_instructions()) == []
+    builds = [line for path in (DOCKERFILE, ROOT / "README.md") for line in path.read_text().splitlines()
+              if "docker build" in line and built_image(DOCKERFILE) in line]
+    assert builds and all("--build-arg GIT_COMMIT=$(git rev-parse HEAD)" in line for line in builds), builds
+
+
+def test_dockerfiles_copy_what_the_build_needs():
     pyproject = (ROOT / "pyproject.toml").read_text()  # (tomllib is Python 3.11+; the project allows 3.10)
     readme = re.search(r'^readme\s*=\s*"([^"]+)"', pyproject, re.MULTILINE).group(1)
     packages = re.search(r"^include\s*=\s*\[([^\]]*)\]", pyproject, re.MULTILINE).group(1)
-    copied = {src.rstrip("/") for op, arg in dockerfile_instructions() if op == "COPY"
-              for src in shlex.split(arg)[:-1] if not src.startswith("--")}
-    needed = {"pyproject.toml", readme} | {p.split("*")[0] for p in re.findall(r'"([^"]+)"', packages)}
-    assert needed <= copied, f"not copied into the image: {needed - copied}"
     ignore = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
               if line.strip() and not line.startswith("#")]
-    if "*" in ignore:  # an allow-list: each copied path must be let back in
-        assert all(f"!{src}" in ignore or f"!{src}/" in ignore for src in copied), ignore
+    for path in DOCKERFILES:  # both build from the repository root, with the one .dockerignore
+        copied = {src.rstrip("/") for op, arg in dockerfile_instructions(path) if op in ("COPY", "ADD")
+                  for src in shlex.split(arg)[:-1] if not src.startswith("--")}
+        if path == DOCKERFILE:
+            needed = {"pyproject.toml", readme} | {p.split("*")[0] for p in re.findall(r'"([^"]+)"', packages)}
+            assert needed <= copied, f"not copied into the image: {needed - copied}"
+        if "*" in ignore:  # an allow-list: each copied path must be let back in
+            assert all(f"!{src}" in ignore or f"!{src}/" in ignore for src in copied), (path.name, ignore)
 
 
-def test_every_pod_runs_the_same_image():
-    images = {c["image"] for pod in PODS for c in pod.spec["containers"]}
-    assert len(images) == 1, images
-    image = images.pop()
-    assert ":" in image and not image.endswith(":latest")
+def test_every_pod_runs_the_image_of_its_dockerfile():
+    assert len({built_image(p) for p in DOCKERFILES}) == len(DOCKERFILES), "each Dockerfile builds its own image"
+    training = {c["image"] for pod in TRAINING for c in pod.spec["containers"]}
+    assert training == {built_image(DOCKERFILE)}, training
+    _, server, _ = mlflow_server()
+    assert image_dockerfile(server["image"]) == SERVER_DOCKERFILE, "the server needs none of the CUDA image"
+    for image in {c["image"] for pod in PODS for c in pod.spec["containers"]}:
+        image_dockerfile(image)
+        assert ":" in image and not image.endswith(":latest")
+
+
+def test_mlflow_image_serves_the_manifest_stores():
+    manifest = (K8S / "mlflow-server.yaml").read_text()
+    ops = dockerfile_instructions(SERVER_DOCKERFILE)
+    assert server_image_problems(ops, manifest, (ROOT / "pyproject.toml").read_text()) == []
+    _, container, args = mlflow_server()
+    assert any(a.startswith("--serve-artifacts") for a in args) and container["command"][0] == "mlflow"
