@@ -6,6 +6,7 @@ Under torchrun the environment (RANK, WORLD_SIZE, LOCAL_RANK, ...) describes the
 
 import datetime
 import os
+import socket
 import re
 from dataclasses import dataclass
 
@@ -51,7 +52,7 @@ def pick_device(preference: str, local_rank: int, local_world_size: int) -> torc
     if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise LaunchError("train.device=cuda but CUDA is not available on this node")
+        raise LaunchError(f"train.device=cuda but CUDA is not available on this node ({socket.gethostname()})")
     gpus = torch.cuda.device_count()
     if local_world_size > gpus:
         raise LaunchError(f"{local_world_size} processes per node but only {gpus} GPU(s) on this node: "

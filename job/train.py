@@ -67,14 +67,20 @@ def check_resume(cfg: Config) -> tuple[Path | None, dict | None, list[str]]:
 
 
 def check(cfg: Config) -> int:
-    """--check: what fails the same way on every restart, found before torchrun starts (exit 2: a Kubernetes
-    podFailurePolicy fails the Job once instead of restarting it). Reads out_dir; writes nothing."""
+    """--check: what would fail the same way on every restart, found before torchrun starts: the config and
+    out_dir's checkpoint (exit 2: a Kubernetes podFailurePolicy fails the Job once instead of restarting it),
+    and a GPU where train.device=cuda asks for one (exit 1). The sbatch script stops on either. Writes nothing."""
     try:
         done = outdir.finished_line(cfg)
         path, _, changes = (None, None, []) if done else check_resume(cfg)
     except (ConfigError, CheckpointError, OutDirError) as e:
         cli.error(str(e))
         return 2
+    try:
+        distributed.pick_device(cfg.train.device, local_rank=0, local_world_size=1)
+    except LaunchError as e:  # this node's fault, not the config's: another node may do (exit 1 is retried)
+        cli.error(str(e))
+        return 1
     resume = (f"resumes {path}" + (f", changing {', '.join(changes)}" if changes else "")) if path else "starts fresh"
     print(f"senet-job: config OK; {done or resume}", flush=True)
     return 0
@@ -258,6 +264,9 @@ def train_out_dir(cfg: Config, runtime: Runtime, config_path: str | None) -> boo
                  f"({distributed.layout(runtime)})  backend {runtime.backend}  device {runtime.device}  "
                  f"config {config_path or '(defaults)'}  out_dir {t.out_dir}"
                  + (f"  resuming {resume_path} at epoch {state.epoch + 1} step {state.step}" if saved else ""))
+    resized = saved and checkpoint.world_size_change(saved, runtime.world_size, t.batch_size, steps)
+    if resized:
+        tracker.info(resized)
     if changes:
         tracker.info(f"resume: this launch changes {', '.join(changes)}; they apply from here on "
                      f"(config.yaml and the next checkpoint hold them)")

@@ -32,8 +32,8 @@ def _free_ports(n: int) -> list[int]:
 
 
 class SlurmCluster:
-    def __init__(self, root: Path, nodes: tuple[str, ...] = ("n1", "n2"), cpus: int = 2):
-        self.root, self.nodes, self.cpus = root, nodes, cpus
+    def __init__(self, root: Path, nodes: tuple[str, ...] = ("n1", "n2"), cpus: int = 2, gpus: int = 2):
+        self.root, self.nodes, self.cpus, self.gpus = root, nodes, cpus, gpus
         self.procs: list[subprocess.Popen] = []
         self.conf = root / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
@@ -75,12 +75,25 @@ class SlurmCluster:
             "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
             "JobCompType=jobcomp/none", "ReturnToService=2", "SlurmctldTimeout=30", "SlurmdTimeout=30",
             "InactiveLimit=0", "KillWait=30", "MinJobAge=600", "SchedulerParameters=sched_interval=1",
-            f"TaskProlog={prolog}",
+            f"TaskProlog={prolog}", "GresTypes=gpu",
         ]
+        # GPUs Slurm counts and hands out but that do not exist: a job asking for one gets SLURM_GPUS_ON_NODE
+        # and no CUDA device, which is how the sbatch script's "asked for GPUs, got none" refusal is tested
+        devices = [r / f"nvidia{i}" for i in range(self.gpus)]
+        for d in devices:
+            d.unlink(missing_ok=True)
+            d.symlink_to("/dev/null")  # a character device, as Slurm expects of a GPU's File
+        (r / "gres.conf").write_text("".join(f"Name=gpu File={d}\n" for d in devices))
         for name, port in zip(self.nodes, node_ports):
             lines.append(f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} "
-                         f"CPUs={self.cpus} RealMemory=8000 State=UNKNOWN")
-        lines.append(f"PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP")
+                         f"CPUs={self.cpus} RealMemory=8000 Gres=gpu:{self.gpus} State=UNKNOWN")
+        # A site that requeues preempted jobs: a job in "urgent" takes the nodes of a running "debug" job, which
+        # gets SIGTERM and GraceTime seconds to stop, then Slurm requeues it
+        lines += ["PreemptType=preempt/partition_prio", "PreemptMode=REQUEUE",
+                  f"PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP "
+                  "PriorityTier=1 GraceTime=60",
+                  f"PartitionName=urgent Nodes={','.join(self.nodes)} MaxTime=INFINITE State=UP PriorityTier=2 "
+                  "PreemptMode=OFF"]
         self.conf.write_text("\n".join(lines) + "\n")
         self._spawn("slurmctld", "-D", "-i", "-f", str(self.conf), log="log/slurmctld.out")
         for name in self.nodes:
