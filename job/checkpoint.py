@@ -241,6 +241,24 @@ def resume_changes(state: dict, cfg, path: Path) -> list[str]:
     return changes
 
 
+def world_size_change(state: dict, world_size: int, batch_size: int, steps: int) -> str | None:
+    """The resume line when the checkpoint was written at another world size; None at the same one.
+
+    The global batch is the config's, so steps per epoch and the LR schedule stay (floor(n / batch) at any
+    world size), and each epoch's permutation depends on (seed, epoch) only: the first k steps at any world
+    size take its first k x batch images, so an interrupted epoch goes on with exactly those not yet seen."""
+    was = state["world_size"]
+    if was == world_size:
+        return None
+    epoch, step = state["train_state"]["epoch"], state["train_state"].get("step", 0)
+    where = (f"epoch {epoch + 1} goes on at step {step} of {steps} with the images the {was} rank(s) had not "
+             f"reached" if step else f"epoch {epoch + 1} starts at its beginning")
+    return (f"resume: world size {was} -> {world_size}: per-rank batch {batch_size // was} -> "
+            f"{batch_size // world_size} (global {batch_size}, {steps} steps per epoch and the LR schedule "
+            f"unchanged); {where}; augmentation draws and BatchNorm batches differ from here on from a run "
+            f"that stayed at {was}")
+
+
 def check_compatible(state: dict, cfg, path: Path) -> None:
     """Before any work: the checkpoint holds the model this config builds, and EMA weights exactly when it
     keeps an EMA (resuming across that would lose them or start from nothing)."""

@@ -27,6 +27,24 @@ def test_shards_are_disjoint_complete_and_reshuffled_per_epoch():
     assert not torch.equal(flat, torch.cat([data.epoch_indices(n, seed + 1, 0, r, world) for r in range(world)]))
 
 
+def steps_of(n: int, seed: int, epoch: int, world: int, batch: int) -> list[set[int]]:
+    """The images of each global step of one epoch at this world size (the training loop's slicing)."""
+    per_rank = batch // world
+    orders = [data.epoch_indices(n, seed, epoch, r, world) for r in range(world)]
+    steps = len(orders[0]) // per_rank
+    return [{i for o in orders for i in o[s * per_rank:(s + 1) * per_rank].tolist()} for s in range(steps)]
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2), (4, 2), (1, 4)])
+def test_an_epoch_resumed_at_another_world_size_takes_the_images_not_yet_seen(before, after):
+    n, batch, stopped = 1003, 64, 5
+    first, second = steps_of(n, 7, 3, before, batch), steps_of(n, 7, 3, after, batch)
+    assert len(first) == len(second) == n // batch  # steps per epoch do not depend on the world size
+    assert first[:stopped] == second[:stopped]  # each step takes the same images at any world size
+    seen = set().union(*first[:stopped], *second[stopped:])
+    assert len(seen) == len(first) * batch  # the rest of the epoch: no image twice, none skipped
+
+
 def test_same_order_as_distributed_sampler():
     sampler = DistributedSampler(range(500), num_replicas=3, rank=1, shuffle=True, seed=5, drop_last=True)
     sampler.set_epoch(4)

@@ -129,6 +129,13 @@ def test_a_resume_applies_what_it_can_names_it_and_refuses_the_rest(tmp_path):
     assert refused.stderr.strip() == (f"error: cannot resume {out}/checkpoints/last.pt with train.lr 0.05 -> 0.1: "
                                       f"set it back, or train from scratch in another train.out_dir")
     assert (out / "config.yaml").read_text() == config_before  # it tells the truth: nothing changed
+    # the same refusal from the check pods and sbatch run before torchrun: exit 2, a config mistake
+    checked = run_job(["--check", *TINY, "train.epochs=3", f"train.out_dir={out}", "train.lr=0.1"], timeout=120)
+    assert checked.returncode == 2 and checked.stderr == refused.stderr
+    checked = run_job(["--check", *TINY, "train.epochs=4", f"train.out_dir={out}"], timeout=120)
+    assert checked.returncode == 0 and checked.stdout == (f"senet-job: config OK; resumes {out}/checkpoints/last.pt, "
+                                                          f"changing train.epochs 3 -> 4\n")
+    assert (out / "config.yaml").read_text() == config_before
     applied = run_job([*TINY, "train.epochs=4", "train.label_smoothing=0", f"train.out_dir={out}"], timeout=120)
     assert applied.returncode == 0, applied.stderr[-2000:]
     assert ("resume: this launch changes train.epochs 3 -> 4, train.label_smoothing 0.1 -> 0.0; they apply from "

@@ -1,6 +1,7 @@
 """Signals and kills mid-epoch: all ranks stop at one step, checkpoint, and the resume is bit for bit."""
 
 import os
+import shutil
 import signal
 import subprocess
 
@@ -8,8 +9,8 @@ import psutil
 import pytest
 
 from job.preemption import PREEMPTED_EXIT_CODE
-from tests.conftest import (COMMON, assert_same_as, faulty_save_env, job_env, kill_tree, run_job, start_job, train_state,
-                            wait_until)
+from tests.conftest import (COMMON, assert_same_as, faulty_save_env, job_env, kill_tree, read_metrics, run_job,
+                            start_job, train_state, wait_until)
 
 
 def launch(out, *extra, env: dict | None = None, torchrun: tuple[str, ...] = ()) -> subprocess.Popen:
@@ -75,10 +76,36 @@ def test_kill_after_a_step_checkpoint_resumes_mid_epoch_exactly(straight, tmp_pa
     proc.wait()
     epoch, step = last_step(out)
     assert step % 3 == 0 and step > 0
+    one = tmp_path / "one"
+    shutil.copytree(out, one)
     resumed = run_job([*COMMON, f"train.out_dir={out}", "train.checkpoint_every_steps=3"], nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"at epoch {epoch + 1} step {step}" in resumed.stdout
+    assert f"at epoch {epoch + 1} step {step}" in resumed.stdout and "world size" not in resumed.stdout
     assert_same_as(straight[0], out)
+
+    # the same checkpoint on one process (a preempted job back on fewer GPUs): said in one line, then trained on
+    alone = run_job([*COMMON, f"train.out_dir={one}"])
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert (f"resume: world size 2 -> 1: per-rank batch 32 -> 64 (global 64, 16 steps per epoch and the LR "
+            f"schedule unchanged); epoch {epoch + 1} goes on at step {step} of 16 with the images the 2 rank(s) "
+            f"had not reached") in alone.stdout
+    assert [r.get("epoch") for r in read_metrics(one)] == [0, 1, 2, None]
+    assert train_state(one / "checkpoints" / "last.pt")["epoch"] == 3
+
+
+def test_a_one_process_run_stopped_mid_epoch_resumes_on_two_ranks(tmp_path):
+    out = tmp_path / "out"
+    proc = start_job([*COMMON, f"train.out_dir={out}", "train.checkpoint_every_steps=5"])
+    wait_until(lambda: last_step(out)[1] > 0, proc=proc, what="a mid-epoch checkpoint")
+    kill_tree(proc.pid)
+    proc.wait()
+    epoch, step = last_step(out)
+    resumed = run_job([*COMMON, f"train.out_dir={out}"], nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (f"resume: world size 1 -> 2: per-rank batch 64 -> 32 (global 64, 16 steps per epoch and the LR "
+            f"schedule unchanged); epoch {epoch + 1} goes on at step {step} of 16") in resumed.stdout
+    assert [r.get("epoch") for r in read_metrics(out)][-1] is None
+    assert read_metrics(out)[-1]["test_acc"] > 0.5
 
 
 def test_torchrun_restarts_after_repeated_sigkills_and_ends_bit_for_bit(straight, tmp_path):
