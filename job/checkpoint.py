@@ -205,9 +205,11 @@ RESUME_APPLIES = {"train.epochs", "train.label_smoothing", "train.clip_grad_norm
                   "train.sync_bn", "train.eval_batch_size", "data.mixup_alpha", "data.cutmix_alpha", "data.cutout",
                   "data.test_subset", "data.root", "data.download", "data.verify", "data.url", "data.md5"}
 # where outputs go and how the launch runs, not what is trained: changed silently
-RESUME_SILENT = {f"train.{k}" for k in ("out_dir", "resume", "stop_after_epochs", "stop_signals", "timeout_s",
-                                        "checkpoint_every_steps", "checkpoint_every_epochs", "deterministic", "step_times", "threads", "channels_last", "compile",
-                                        "reuse_host_memory", "grad_compression", "bucket_mb", "device")}
+RESUME_SILENT = {f"train.{k}" for k in (
+    "out_dir", "resume", "stop_after_epochs", "stop_signals", "timeout_s", "checkpoint_every_steps",
+    "checkpoint_every_epochs", "deterministic", "step_times", "threads", "channels_last", "compile",
+    "reuse_host_memory", "grad_compression", "bucket_mb", "device", "log_every_s", "log_every_steps", "profile",
+    "profile_skip", "profile_warmup", "profile_active", "profile_ranks")}
 
 
 def config_changes(saved: dict, cfg) -> tuple[list[str], list[str]]:

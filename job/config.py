@@ -132,7 +132,7 @@ class TrainConfig:
     seed: int = 0
     """Seeds the model init, the data order and the augmentation."""
     precision: typing.Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """auto (bf16 on CUDA, fp32 on the CPU, where bf16 was slower), fp32, bf16 (autocast) or fp16 (+ scaler)."""
+    """auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32, bf16 (autocast) or fp16 (+ scaler)."""
     channels_last: bool = True
     """Use the channels_last memory format for the model and the batches (faster on CPU and GPU here)."""
     compile: bool = False
@@ -168,6 +168,20 @@ class TrainConfig:
     """Write last.pt every N epochs (and at an epoch with the best validation accuracy, the last epoch and a stop)."""
     stop_signals: list[Signal] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGINT"])
     """Signals that make all ranks stop at the next step, checkpoint, and exit 143 (resumable); [] = none."""
+    log_every_s: float = 30.0
+    """Where stdout is not a terminal (batch logs), rank 0 prints a progress line at most this often (0 = off)."""
+    log_every_steps: int = 0
+    """... and every this many steps (0 = off); a line reads the device's running sums (a host sync) only then."""
+    profile: bool = False
+    """torch.profiler over profile_warmup + profile_active steps after profile_skip, into <out_dir>/profile/."""
+    profile_skip: int = 5
+    """Steps of this launch before the profiled window (start-up, cuDNN autotuning, compilation)."""
+    profile_warmup: int = 2
+    """Steps the profiler runs but discards (its own start-up)."""
+    profile_active: int = 5
+    """Steps recorded into the trace and the op table."""
+    profile_ranks: typing.Literal["rank0", "all"] = "rank0"
+    """Profile rank 0 only, or every rank (each into <out_dir>/profile/rank<N>/)."""
 
     @property
     def resume_file(self) -> str | None:
@@ -202,6 +216,11 @@ class TrainConfig:
                  f"train.checkpoint_every_epochs must be >= 1, got {self.checkpoint_every_epochs}")
         _require(self.checkpoint_every_steps >= 0,
                  f"train.checkpoint_every_steps must be >= 0, got {self.checkpoint_every_steps}")
+        _require(self.log_every_s >= 0, f"train.log_every_s must be >= 0 (0 = off), got {self.log_every_s}")
+        _require(self.log_every_steps >= 0, f"train.log_every_steps must be >= 0 (0 = off), got {self.log_every_steps}")
+        _require(self.profile_skip >= 0 and self.profile_warmup >= 0 and self.profile_active >= 1,
+                 f"train.profile_skip and profile_warmup must be >= 0 and profile_active >= 1, got "
+                 f"{self.profile_skip}, {self.profile_warmup}, {self.profile_active}")
 
 
 @dataclass(kw_only=True)
@@ -222,6 +241,9 @@ class MlflowConfig:
     """Fail at start if the tracking server is unreachable; false: warn and keep metrics.jsonl only."""
     flush_timeout_s: int = 300
     """At the end, how long to keep retrying an absent tracking server before giving up (warning)."""
+    log_every_steps: int = 0
+    """Also log the running train loss/accuracy and images/s at a step axis every this many steps (0 = off;
+    best effort: a step metric the server misses is not retried)."""
 
     def __post_init__(self):
         _check_types(self, "mlflow")
@@ -236,6 +258,7 @@ class MlflowConfig:
                  f"and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment instead")
         _require(self.promote_margin >= 0, f"mlflow.promote_margin must be >= 0, got {self.promote_margin}")
         _require(self.flush_timeout_s >= 0, f"mlflow.flush_timeout_s must be >= 0, got {self.flush_timeout_s}")
+        _require(self.log_every_steps >= 0, f"mlflow.log_every_steps must be >= 0 (0 = off), got {self.log_every_steps}")
 
 
 @dataclass(kw_only=True)

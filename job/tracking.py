@@ -230,6 +230,17 @@ class Tracker:
             self.pending.append(record)
             self._send()
 
+    def log_step_metrics(self, metrics: dict, step: int) -> None:
+        """Metrics at a step axis (mlflow.log_every_steps): one short try, skipped while the server is backed
+        off; a miss is not retried (the epoch records, which are, hold what counts)."""
+        if not self.mlflow or time.monotonic() < self.retry_at:
+            return
+        try:
+            with _environ(QUICK):
+                self.mlflow.log_metrics(metrics, step=step)
+        except Exception:
+            self.retry_at = time.monotonic() + self.backoff_s  # the next epoch record warns, retries and backs off
+
     def log_final(self, record: dict, history: list[dict], confusion: torch.Tensor, checkpoint: Path) -> None:
         """The closing record (test accuracy), its figures and files; waits for an absent server, bounded."""
         if not self.active:
@@ -249,6 +260,7 @@ class Tracker:
             raise CheckpointError(f"cannot write the figures in {out}: {e.strerror or e}; the checkpoints and "
                                   f"metrics.jsonl are intact") from None
         artifacts = [out / "config.yaml", self.metrics_path, *figures, checkpoint]
+        profile = out / "profile"  # train.profile's traces and op tables, every rank's on a shared out_dir
         if not self.mlflow:
             return
         if not self._flush():
@@ -258,6 +270,8 @@ class Tracker:
             self.mlflow.log_metrics({k: v for k, v in record.items() if isinstance(v, (int, float))})
             for path in artifacts:
                 self.mlflow.log_artifact(str(path))
+            if profile.is_dir():
+                self.mlflow.log_artifacts(str(profile), artifact_path="profile")
         except Exception as e:
             self.warn(f"MLflow: could not log the final metrics and artifacts ({first_line(e)}); "
                       f"they are in {out}")

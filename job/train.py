@@ -11,6 +11,7 @@ checked in StepEnd (every step) and at each epoch's end, metrics go out through 
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ from job.outdir import OutDirError
 from job.loop import Parts, TrainState, autocast_dtype, make_ema, train_one_epoch
 from job.optim import build_optimizer, build_scheduler
 from job.preemption import PREEMPTED_EXIT_CODE, Preempted, StopSignal
+from job.progress import Progress
 from job.tracking import INCOMPLETE_EXIT_CODE, Tracker, TrackingError
 from senet import senet
 
@@ -150,12 +152,17 @@ def build(cfg: Config, runtime: Runtime, steps: int, saved: dict | None) -> Part
 
 
 class StepEnd:
-    """After every optimizer step: ask all ranks about stop signals, and write step checkpoints."""
+    """After every optimizer step: the hooks asked for (progress lines, the profiler), then ask all ranks about
+    stop signals, and write step checkpoints."""
 
-    def __init__(self, parts: Parts, checkpoints: Checkpointer, stop: StopSignal, every_steps: int):
+    def __init__(self, parts: Parts, checkpoints: Checkpointer, stop: StopSignal, every_steps: int,
+                 hooks: list[Callable[[TrainState, int, int, torch.Tensor], None]]):
         self.parts, self.checkpoints, self.stop, self.every_steps = parts, checkpoints, stop, every_steps
+        self.hooks = hooks
 
     def __call__(self, state: TrainState, step: int, steps: int, sums: torch.Tensor) -> None:
+        for hook in self.hooks:
+            hook(state, step, steps, sums)
         stopping = self.stop.requested()  # a collective: every rank gets the same answer at the same step
         if stopping or (self.every_steps and step % self.every_steps == 0 and step < steps):
             totals = sums.clone()
@@ -187,7 +194,24 @@ def train_epochs(parts: Parts, splits: Splits, cfg: Config, runtime: Runtime, st
     """The epoch loop; True when train.epochs are done, False when train.stop_after_epochs ended this launch."""
     t = cfg.train
     end = t.epochs if t.stop_after_epochs is None else min(t.epochs, state.epoch + t.stop_after_epochs)
-    on_step = StepEnd(parts, checkpoints, stop, t.checkpoint_every_steps)
+    profiler = None
+    if t.profile:
+        from job.profile import StepProfiler
+
+        profiler = StepProfiler.build(cfg, runtime, tracker.info)
+    hooks = [h for h in (Progress.build(cfg, runtime, tracker), profiler) if h is not None]
+    on_step = StepEnd(parts, checkpoints, stop, t.checkpoint_every_steps, hooks)
+    try:
+        return _epochs(parts, splits, cfg, runtime, state, tracker, checkpoints, stop, on_step, end)
+    finally:
+        if profiler is not None:
+            profiler.close()
+
+
+def _epochs(parts: Parts, splits: Splits, cfg: Config, runtime: Runtime, state: TrainState, tracker: Tracker,
+            checkpoints: Checkpointer, stop: StopSignal, on_step: StepEnd, end: int) -> bool:
+    """Epochs state.epoch..end-1: train, validate, checkpoint when due, log; Preempted on a stop signal."""
+    t = cfg.train
     started, first = time.perf_counter(), state.epoch
     for epoch in range(state.epoch, end):
         tic = time.perf_counter()

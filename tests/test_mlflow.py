@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -49,9 +50,12 @@ def two_ranks(mlflow_server, tmp_path_factory):
     """(out_dir, probe dir) of one tracked 2-rank run that registers `two-ranks` version 1 (@champion)."""
     tmp = tmp_path_factory.mktemp("two-ranks")
     out = tmp / "out"
-    result = run_job(tracked(mlflow_server, "two-ranks", "train.epochs=3", f"train.out_dir={out}"), nproc=2,
-                     env=probe_env(tmp))
+    # progress lines, step metrics and the profiler of every rank ride along (they change nothing trained)
+    result = run_job(tracked(mlflow_server, "two-ranks", "train.epochs=3", f"train.out_dir={out}",
+                             "train.log_every_steps=5", "mlflow.log_every_steps=4", "train.profile=true",
+                             "train.profile_ranks=all"), nproc=2, env=probe_env(tmp))
     assert result.returncode == 0, result.stderr[-3000:]
+    (tmp / "stdout.txt").write_text(result.stdout)
     assert "registry: two-ranks-dev version 1 is @champion: there was no champion" in result.stdout
     assert "(under two-ranks-dev, not two-ranks: data.source=synthetic)" in result.stdout
     return out, tmp
@@ -79,6 +83,7 @@ def test_two_ranks_log_one_run_from_rank_zero_only(mlflow_server, two_ranks, tmp
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     version = client.get_model_version("two-ranks-dev", "1")
     assert version.run_id == run.info.run_id
+    assert steps(client, run.info.run_id, "step_train_loss") == list(range(4, 49, 4))  # global steps
     assert float(version.tags["val_acc"]) == read_metrics(out)[-1]["best_val_acc"]
     assert version.tags["run_id"] == run.info.run_id and version.tags["config_hash"] == tags["config_hash"]
     assert float(version.tags["test_acc"]) == run.data.metrics["test_acc"]
@@ -390,3 +395,23 @@ def test_disk_full_while_saving_fails_the_run_and_keeps_the_previous_checkpoint(
     assert train_state(out / "checkpoints" / "last.pt")["epoch"] == 1
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "last.pt"]  # no temp file left
     assert only_run(mlflow_server.client(), "diskfull").info.status == "FAILED"
+
+
+def test_progress_lines_and_a_profile_of_every_rank_reach_the_log_the_out_dir_and_mlflow(mlflow_server, two_ranks,
+                                                                                      tmp_path):
+    out, tmp = two_ranks
+    stdout = (tmp / "stdout.txt").read_text()  # a pipe, as under a batch scheduler: no tqdm, progress lines
+    lines = re.findall(r"^epoch (\d)/3  step (\d+)/16  loss [\d.]+  acc [\d.]+  \d+ img/s  ETA \d+:\d\d:\d\d$", stdout,
+                       re.MULTILINE)
+    assert lines == [(str(e), str(s)) for e in (1, 2, 3) for s in (5, 10, 15)]
+    for rank in (0, 1):  # profile_ranks=all: each rank's own window
+        trace = json.loads((out / "profile" / f"rank{rank}" / "trace.json").read_text())
+        names = {event.get("name") for event in trace["traceEvents"]}
+        assert {"aten::mean", "aten::sigmoid", "aten::addcmul"} <= names  # the SE block's squeeze, gate and scale
+        recorded = {name for name in names if str(name).startswith("ProfilerStep")}
+        assert recorded == {f"ProfilerStep#{i}" for i in range(7, 12)}  # after skip 5 and warm-up 2: 5 active
+        assert "aten::convolution_backward" in (out / "profile" / f"rank{rank}" / "ops.txt").read_text()
+    client = mlflow_server.client()
+    run = only_run(client, "two-ranks")
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "profile/rank1")}
+    assert logged == {"profile/rank1/trace.json", "profile/rank1/ops.txt"}

@@ -439,3 +439,21 @@ def test_the_commit_comes_from_git_in_a_checkout_and_from_the_image_outside_one(
     monkeypatch.setattr(provenance, "git_commit", lambda: ("f" * 40, None))
     tags = provenance.run_tags(Config(), CPU)
     assert tags["git_commit"] == "f" * 40 and "git_dirty" not in tags  # dirty unknown: no tag rather than a guess
+
+
+# ---- progress lines and the profiler: nothing in the step loop unless asked ------------------------------------
+
+def test_no_progress_hook_unless_a_line_or_a_step_metric_is_asked_for_and_none_on_other_ranks(monkeypatch):
+    from job.progress import Progress
+
+    class Tracker:
+        mlflow = None
+    monkeypatch.setattr("sys.stdout.isatty", lambda: False)  # a batch log
+    quiet = Config(train=TrainConfig(log_every_s=0, log_every_steps=0))
+    assert Progress.build(quiet, CPU, Tracker()) is None
+    assert Progress.build(Config(), CPU, Tracker()) is not None  # the default: a line every 30 s
+    other = Runtime(rank=1, local_rank=1, world_size=2, local_world_size=2, num_nodes=1,
+                    device=torch.device("cpu"), backend="gloo")
+    assert Progress.build(Config(), other, Tracker()) is None
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)  # a terminal has tqdm's bar instead
+    assert Progress.build(Config(), CPU, Tracker()) is None
