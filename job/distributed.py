@@ -6,9 +6,10 @@ Under torchrun the environment (RANK, WORLD_SIZE, LOCAL_RANK, ...) describes the
 
 import datetime
 import os
-import socket
 import re
+import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -60,8 +61,21 @@ def pick_device(preference: str, local_rank: int, local_world_size: int) -> torc
     return torch.device("cuda", local_rank)
 
 
-def setup(device_preference: str, timeout_s: int) -> Runtime:
-    """Join (or, without torchrun, create) the process group; nccl on CUDA, gloo on the CPU."""
+FR_DUMP_VARS = ("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE")  # the newer name, the older
+
+
+def flight_recorder_env(trace_dir: Path, environ) -> dict[str, str]:
+    """Where NCCL's Flight Recorder dumps on a timeout (<trace_dir>/rank_<N>, one file per rank) unless the
+    launch names a place: torch's default is /tmp of each node, gone with the node. The launch files turn the
+    recorder on (TORCH_NCCL_TRACE_BUFFER_SIZE, TORCH_NCCL_DUMP_ON_TIMEOUT); README shows how to read a dump."""
+    if any(name in environ for name in FR_DUMP_VARS):
+        return {}
+    return {FR_DUMP_VARS[0]: f"{trace_dir}/rank_"}
+
+
+def setup(device_preference: str, timeout_s: int, trace_dir: Path | None = None) -> Runtime:
+    """Join (or, without torchrun, create) the process group; nccl on CUDA (its Flight Recorder dumping into
+    trace_dir), gloo on the CPU."""
     rank = _env_int("RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
@@ -70,6 +84,8 @@ def setup(device_preference: str, timeout_s: int) -> Runtime:
     device = pick_device(device_preference, local_rank, local_world_size)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        if trace_dir is not None:
+            os.environ.update(flight_recorder_env(trace_dir, os.environ))  # read when the NCCL group is made
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
     if "MASTER_ADDR" in os.environ:

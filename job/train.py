@@ -9,6 +9,7 @@ checked in StepEnd (every step) and at each epoch's end, metrics go out through 
 """
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -275,6 +276,9 @@ def train_out_dir(cfg: Config, runtime: Runtime, config_path: str | None) -> boo
     splits = data.load_splits(cfg.data, runtime)  # before out_dir: a launch that fails here changes nothing
     steps = steps_per_epoch(cfg, runtime, len(splits.train_y))
     prepare_out_dir(cfg, runtime)
+    trace_dir = Path(t.out_dir) / "nccl_trace"
+    if runtime.device.type == "cuda" and os.environ.get(distributed.FR_DUMP_VARS[0]) == f"{trace_dir}/rank_":
+        trace_dir.mkdir(parents=True, exist_ok=True)  # on every node: a timeout's dump does not make directories
 
     state = TrainState()
     tracker = Tracker(cfg, runtime)
@@ -342,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         return check(cfg)
     try:
         host.exit_with_launcher()  # first: the agent may die while the rendezvous below waits
-        runtime = distributed.setup(cfg.train.device, cfg.train.timeout_s)
+        runtime = distributed.setup(cfg.train.device, cfg.train.timeout_s,
+                                    trace_dir=Path(cfg.train.out_dir) / "nccl_trace")  # train_out_dir makes it
         host.tune(cfg.train, runtime)
         return 0 if run(cfg, runtime, args.config) else INCOMPLETE_EXIT_CODE
     except USER_ERRORS as e:

@@ -172,7 +172,8 @@ def test_an_array_refuses_a_seed_or_out_dir_of_its_own(cluster, tmp_path):
 # ---- the script's srun lines, with stub Slurm commands (no Slurm, no pyxis: what the script asks of them) ----
 
 STUBS = {
-    "srun": 'printf "%s\\n" "$*" >> "$SRUN_LOG"',
+    "srun": 'printf "%s\\n" "$*" >> "$SRUN_LOG"; '
+            'echo "$TORCH_NCCL_TRACE_BUFFER_SIZE $TORCH_NCCL_DUMP_ON_TIMEOUT $TORCH_ELASTIC_SHUTDOWN_TIMEOUT" > "$SRUN_LOG.env"',
     "scontrol": 'printf "%s\\n" "$*" >> "$SCONTROL_LOG"; case "$*" in "show hostnames"*) echo n1;; '
                 '"show node"*) echo "NodeName=n1 NodeAddr=10.0.0.1";; '
                 '"show job"*) echo "JobState=RUNNING PreemptTime=${STUB_PREEMPT_TIME:-None}";; '
@@ -210,6 +211,8 @@ def test_pyxis_runs_every_step_in_the_image_with_the_submit_directory_mounted(tm
                             "--nnodes=1 --nproc_per_node=4 ")
     assert train.endswith("-m job.train train.device=cuda train.epochs=3")
     assert "rendezvous 10.0.0.1:29507" in result.stdout
+    # the Flight Recorder on (dumps under out_dir: job.train), torchrun's grace for a checkpoint
+    assert (tmp_path / "srun.log.env").read_text().split() == ["2000", "1", "100"]
 
 
 def test_without_a_container_srun_runs_torchrun_and_a_cpu_job_keeps_its_device(tmp_path):

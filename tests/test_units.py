@@ -457,3 +457,11 @@ def test_no_progress_hook_unless_a_line_or_a_step_metric_is_asked_for_and_none_o
     assert Progress.build(Config(), other, Tracker()) is None
     monkeypatch.setattr("sys.stdout.isatty", lambda: True)  # a terminal has tqdm's bar instead
     assert Progress.build(Config(), CPU, Tracker()) is None
+
+
+def test_nccl_flight_recorder_dumps_into_the_out_dir_unless_the_launch_names_a_place(tmp_path):
+    from job.distributed import flight_recorder_env
+
+    assert flight_recorder_env(tmp_path / "nccl_trace", {}) == {"TORCH_FR_DUMP_TEMP_FILE": f"{tmp_path}/nccl_trace/rank_"}
+    for name in ("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE"):
+        assert flight_recorder_env(tmp_path, {name: "/scratch/fr_"}) == {}
