@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.width=8", "data.source=synthetic", "data.val_size=256", "data.train_subset=1024",
         "data.test_subset=512", "train.batch_size=64", "train.lr=0.05", "train.ref_batch_size=64",
         "train.warmup_epochs=0.5", "train.eval_batch_size=256", "mlflow.enabled=false",
-        "train.device=cpu"]  # gloo on the CPU by intent, never by accident of the hardware (a GPU machine too)
+        "train.device=cpu",  # gloo on the CPU by intent, never by accident of the hardware (a GPU machine too)
+        "train.log_every_s=0"]  # a slow CI machine must not add a progress line to the logs tests read
 
 
 # The 2-rank, 3-epoch run that the end-to-end tests share and that every interrupted run must equal.

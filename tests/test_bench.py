@@ -74,11 +74,13 @@ def test_ratios_and_the_fastest_mode_come_from_the_parts():
 
 
 def test_quick_run_writes_every_section_with_positive_figures(tmp_path):
+    """Every part but bare_step and job, which the GPU check's CPU mode runs through the same harness (below);
+    the ratios between parts are checked on given figures (above)."""
     out = tmp_path / "bench.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    result = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=900, check=False)
+    result = subprocess.run([sys.executable, "-m", "bench", "--quick", "--parts", "baseline,augment,ddp", "--out",
+                             str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     doc = json.loads(out.read_text())
 
@@ -89,15 +91,6 @@ def test_quick_run_writes_every_section_with_positive_figures(tmp_path):
     for run in doc["baseline"]["runs"].values():  # (a), with num_workers 0 and 1
         assert _positive(run["images_per_sec"]) and _positive(run["loader_images_per_sec"])
     assert _positive(doc["baseline"]["images_per_sec"]) and _positive(doc["baseline"]["peak_rss_mib"])
-    for mode in modes:
-        job, bare = doc["job"][mode], doc["bare_step"][mode]  # (b), (c)
-        for key in ("images_per_sec", "launch_to_train_start_s", "launch_to_first_step_done_s", "peak_rss_mib"):
-            assert _positive(job[key]), (mode, key, job)
-        assert len(job["epoch_images_per_sec"]) == doc["settings"]["epochs"]
-        assert _positive(bare["images_per_sec"]) and _positive(bare["peak_rss_mib"])
-        assert _positive(doc["launch"][mode]["launch_to_train_start_s"])  # (e)
-        assert _positive(doc["memory"]["job_peak_rss_mib"][mode])  # (f)
-        assert _positive(doc["ratios"][mode]["job_vs_baseline"]) and _positive(doc["ratios"][mode]["job_vs_bare_step"])
     for aug in (doc["augment"], doc["augment"]["malloc_cache"]):  # (d), as the job is and with malloc_cache
         assert _positive(aug["images_per_sec"]) and _positive(aug["job_data_path_images_per_sec"])
     for run in doc["ddp"]["runs"].values():

@@ -62,10 +62,11 @@ def test_signal_stops_every_rank_at_one_step_and_resume_is_exact(straight, tmp_p
     if target == "rank 1":
         assert f"exitcode  : {PREEMPTED_EXIT_CODE}" in stderr  # torchrun's report of the worker
 
-    resumed = run_job([*COMMON, f"train.out_dir={out}"], nproc=2)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"at epoch {epoch + 1} step {step}" in resumed.stdout
-    assert_same_as(straight[0], out)
+    if target == "group":  # the resume is the same whatever stopped the run: proven once
+        resumed = run_job([*COMMON, f"train.out_dir={out}"], nproc=2)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert f"at epoch {epoch + 1} step {step}" in resumed.stdout
+        assert_same_as(straight[0], out)
 
 
 def test_kill_after_a_step_checkpoint_resumes_mid_epoch_exactly(straight, tmp_path):
@@ -134,6 +135,7 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_previous_one(straight, t
     out = tmp_path / "out"
     first = run_job([*COMMON, f"train.out_dir={out}", "train.stop_after_epochs=2"], nproc=2)
     assert first.returncode == 0, first.stderr[-3000:]
+    assert "stopped after epoch 2 of 3 (train.stop_after_epochs)" in first.stdout
     last = out / "checkpoints" / "last.pt"
     assert train_state(out / "checkpoints" / "last.prev.pt")["epoch"] == 1
     last.write_bytes(last.read_bytes()[:1000])  # a torn file, as a dying disk or node leaves it
@@ -141,7 +143,7 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_previous_one(straight, t
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"warning: cannot read checkpoint {last}" in resumed.stderr
     assert "using the previous checkpoint" in resumed.stderr and "at epoch 2 step 0" in resumed.stdout
-    assert_same_as(straight[0], out)
+    assert_same_as(straight[0], out)  # an epoch-boundary resume is bit for bit too
 
 
 def test_killed_during_a_save_leaves_a_usable_checkpoint(straight, tmp_path):
