@@ -12,9 +12,13 @@ attempt finds the run's version (and runs the gate if the first stopped before i
 The logged model takes what CIFAR-10 stores — uint8 images (N, 3, 32, 32), RGB, 0..255 — and returns
 logits (N, 10): it carries its own normalisation, so `mlflow.pytorch.load_model("models:/NAME@champion")`
 is usable as is. It is saved in the pickle format with the `senet` package as code, so it loads as a
-plain nn.Module (eval(), state_dict()) wherever torch and mlflow are installed.
+plain nn.Module (eval(), state_dict()) wherever torch and mlflow are installed. Beside it, in the same logged
+model's artifacts, lies the same network exported with torch.export (EXPORTED, batch size free): weights as raw
+tensor bytes, no pickled code, loadable with `torch.export.load(path).module()` where pickle is not trusted
+and where MLflow is not installed.
 """
 
+import tempfile
 from pathlib import Path
 
 import torch
@@ -25,15 +29,24 @@ from job.config import Config, DataConfig
 from job.data import MEAN, STD
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+EXPORTED = "extra_files/model.pt2"  # the torch.export copy, relative to the logged (and registered) model
 
 
-def servable(weights: dict, cfg: Config) -> nn.Sequential:
-    """A CPU copy of the trained network behind its input normalisation, in eval mode; with train.tta=flip it
-    averages each image's logits with its mirror's, so it predicts exactly what the run's test_acc measured."""
-    model = senet.senet(cfg.model.depth, width=cfg.model.width, reduction=cfg.model.reduction)
-    model.load_state_dict(weights)  # a plain SENet, whatever wrapped it in training (SyncBatchNorm, compile)
-    net = senet.FlipAverage(model) if cfg.train.tta == "flip" else model
-    return nn.Sequential(senet.Normalize(MEAN, STD), net).eval()
+def servable(weights: dict, model: dict, tta: str) -> nn.Sequential:
+    """A CPU copy of the trained network behind its input normalisation, in eval mode; with tta="flip" it
+    averages each image's logits with its mirror's, so it predicts exactly what the run's test_acc measured.
+    model is the config's model section as a dict (depth, width, reduction), as checkpoints hold it."""
+    net = senet.senet(model["depth"], width=model["width"], reduction=model["reduction"])
+    net.load_state_dict(weights)  # a plain SENet, whatever wrapped it in training (SyncBatchNorm, compile)
+    return nn.Sequential(senet.Normalize(MEAN, STD), senet.FlipAverage(net) if tta == "flip" else net).eval()
+
+
+def export(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """Save model as a torch.export program (.pt2) whose batch size is free; example is a uint8 batch."""
+    # torch.export fixes a dimension traced at size 1: a batch of at least two keeps it free
+    program = torch.export.export(model, (example.repeat(2, 1, 1, 1),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, path)
 
 
 def not_production(data: DataConfig) -> str | None:
@@ -71,21 +84,26 @@ def log_and_register(mlflow, weights: dict, example: torch.Tensor, *, cfg: Confi
         # registered, then stopped before the gate: the gate now
         return line + "; " + promote(client, name, version.version, val_acc, cfg.mlflow.promote_margin,
                                      tags["data_fingerprint"], aliases(cfg, tags["data_fingerprint"]))
-    wrapped = servable(weights, cfg)
+    wrapped = servable(weights, cfg.to_dict()["model"], cfg.train.tta)
     example = example[:4].cpu()
     with torch.no_grad():
         output = wrapped(example)
-    info = mlflow.pytorch.log_model(
-        wrapped, name="model", serialization_format="pickle", code_paths=[str(Path(senet.__file__).parent)],
-        signature=infer_signature(example.numpy(), output.numpy()), input_example=example.numpy(),
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"])
+    with tempfile.TemporaryDirectory() as tmp:
+        exported = Path(tmp) / Path(EXPORTED).name
+        export(wrapped, example, exported)
+        info = mlflow.pytorch.log_model(
+            wrapped, name="model", serialization_format="pickle", code_paths=[str(Path(senet.__file__).parent)],
+            extra_files=[str(exported)], signature=infer_signature(example.numpy(), output.numpy()),
+            input_example=example.numpy(),
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"])
     version_tags = {"val_acc": "" if val_acc is None else str(val_acc), "test_acc": str(test_acc),  # exact
                     "run_id": run_id, **tags}
     version = mlflow.register_model(info.model_uri, name, tags=version_tags).version  # tags in the same call
     client.update_model_version(name, version, description=(
         f"SENet{cfg.model.depth} width {cfg.model.width} on {cfg.data.source} (data {tags['data_fingerprint']}, "
         f"recipe {tags['config_hash']}): val_acc {version_tags['val_acc'] or '-'}, test_acc {test_acc:.4f}; "
-        f"run {run_id}. Input uint8 (N, 3, 32, 32) RGB, output logits (N, 10)."))
+        f"run {run_id}. Input uint8 (N, 3, 32, 32) RGB, output logits (N, 10); the same as a torch.export "
+        f"program, free of pickle, at {EXPORTED}."))
     line = promote(client, name, version, val_acc, cfg.mlflow.promote_margin, tags["data_fingerprint"],
                    aliases(cfg, tags["data_fingerprint"]))
     reason = not_production(cfg.data)
