@@ -1,0 +1,107 @@
+"""Classify image files with a registered model, a checkpoint or an exported .pt2: one line per file.
+
+    python -m job.predict --model models:/senet18-cifar10@champion cat.jpg ship.png
+"""
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import nn
+from torch.export.passes import move_to_device_pass
+
+from job import checkpoint, cli, registry
+from job.checkpoint import CheckpointError
+from job.data import CLASSES
+
+SIZE = 32  # CIFAR-10's images, what the model was trained on
+BATCH = 256
+
+
+def load(source: str, device: torch.device) -> nn.Module:
+    """The model behind source on device, taking uint8 images (N, 3, 32, 32) and returning logits: an MLflow URI
+    (models:/..., runs:/...), an exported .pt2, or a job checkpoint (built as its run registers it: normalisation
+    and the run's train.tta included)."""
+    if "://" in source or source.startswith(("models:/", "runs:/")):
+        import mlflow
+
+        from job.tracking import tracking_uri
+
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr is for errors here
+        mlflow.set_tracking_uri(tracking_uri(""))
+        try:
+            return mlflow.pytorch.load_model(source, map_location="cpu").to(device)
+        except Exception as e:  # MLflow raises its own and the store's exceptions: the message says which
+            raise CheckpointError(f"cannot load model {source}: {cli.first_line(e)}") from None
+    if source.endswith(".pt2"):
+        if not os.path.isfile(source):
+            raise CheckpointError(f"exported model not found: {source}")
+        try:
+            program = torch.export.load(source)
+        except Exception as e:
+            raise CheckpointError(f"cannot load exported model {source}: {cli.first_line(e)}") from None
+        # an exported graph holds its tensors' devices: moved by this pass, not by .to()
+        return move_to_device_pass(program, device).module()
+    state = checkpoint.load(source)
+    saved = state["config"]
+    return registry.servable(checkpoint.weights(state), saved["model"], saved["train"]["tta"]).to(device)
+
+
+def read_image(path: str) -> torch.Tensor:
+    """path's image as uint8 (3, 32, 32) RGB: turned upright by its EXIF orientation, alpha dropped, the whole
+    picture resized to 32x32 (aspect ratio not kept) with PIL's bicubic filter, antialiased when shrinking."""
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image).convert("RGB").resize((SIZE, SIZE), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m job.predict --model MODEL IMAGE...`: for each PNG/JPEG (any size), its file name and the top-k
+    CIFAR-10 classes, most likely first, with their probabilities. Images are resized to 32x32 as a whole
+    (aspect ratio not kept) with PIL's bicubic filter, antialiased when shrinking. A file that cannot be read
+    gets an `error:` line and the exit status 1; the others are still classified."""
+    parser = argparse.ArgumentParser(prog="python -m job.predict", description=main.__doc__)
+    parser.add_argument("--model", required=True,
+                        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model ($MLFLOW_TRACKING_URI, "
+                             "else ./mlflow.db), a checkpoint (.pt) or an exported model (.pt2)")
+    parser.add_argument("--top-k", type=int, default=3, help=f"classes per image, 1 to {len(CLASSES)} (default 3)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: CUDA where there is one (default)")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
+    args = parser.parse_args(argv)
+    if not 1 <= args.top_k <= len(CLASSES):
+        parser.error(f"--top-k must be between 1 and {len(CLASSES)}, got {args.top_k}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        cli.error("--device cuda but CUDA is not available")
+        return 1
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    try:
+        model = load(args.model, device)
+    except CheckpointError as e:
+        cli.error(str(e))
+        return 1
+    paths, images = [], []
+    for path in args.images:
+        try:
+            images.append(read_image(path))
+        except UnidentifiedImageError:
+            cli.error(f"cannot read image {path}: not a PNG, JPEG or other image format PIL reads")
+            continue
+        except OSError as e:  # missing, a directory, no permission, truncated
+            cli.error(f"cannot read image {path}: {e.strerror or cli.first_line(e)}")
+            continue
+        paths.append(path)
+    with torch.no_grad():
+        for start in range(0, len(paths), BATCH):
+            probabilities = model(torch.stack(images[start:start + BATCH]).to(device)).float().softmax(1)
+            top = probabilities.topk(args.top_k)
+            for path, values, indices in zip(paths[start:start + BATCH], top.values.tolist(), top.indices.tolist()):
+                print(f"{path}  " + "  ".join(f"{CLASSES[i]} {p:.3f}" for p, i in zip(values, indices)))
+    return 0 if len(paths) == len(args.images) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
