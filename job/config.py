@@ -171,7 +171,8 @@ class TrainConfig:
     log_every_s: float = 30.0
     """Where stdout is not a terminal (batch logs), rank 0 prints a progress line at most this often (0 = off)."""
     log_every_steps: int = 0
-    """... and every this many steps (0 = off); a line reads the device's running sums (a host sync) only then."""
+    """Also print that line every this many steps (0 = off); a line reads the device's running sums (a host
+    sync) only then."""
     profile: bool = False
     """torch.profiler over profile_warmup + profile_active steps after profile_skip, into <out_dir>/profile/."""
     profile_skip: int = 5
@@ -243,7 +244,7 @@ class MlflowConfig:
     """At the end, how long to keep retrying an absent tracking server before giving up (warning)."""
     log_every_steps: int = 0
     """Also log the running train loss/accuracy and images/s at a step axis every this many steps (0 = off;
-    best effort: a step metric the server misses is not retried)."""
+    best effort: a step metric the server misses is not retried; each is a request rank 0 waits for)."""
 
     def __post_init__(self):
         _check_types(self, "mlflow")
@@ -258,7 +259,8 @@ class MlflowConfig:
                  f"and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment instead")
         _require(self.promote_margin >= 0, f"mlflow.promote_margin must be >= 0, got {self.promote_margin}")
         _require(self.flush_timeout_s >= 0, f"mlflow.flush_timeout_s must be >= 0, got {self.flush_timeout_s}")
-        _require(self.log_every_steps >= 0, f"mlflow.log_every_steps must be >= 0 (0 = off), got {self.log_every_steps}")
+        _require(self.log_every_steps >= 0,
+                 f"mlflow.log_every_steps must be >= 0 (0 = off), got {self.log_every_steps}")
 
 
 @dataclass(kw_only=True)

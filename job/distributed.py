@@ -8,6 +8,7 @@ import datetime
 import os
 import re
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,13 +65,14 @@ def pick_device(preference: str, local_rank: int, local_world_size: int) -> torc
 FR_DUMP_VARS = ("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE")  # the newer name, the older
 
 
-def flight_recorder_env(trace_dir: Path, environ) -> dict[str, str]:
+def flight_recorder_env(trace_dir: Path, environ: Mapping[str, str]) -> dict[str, str]:
     """Where NCCL's Flight Recorder dumps on a timeout (<trace_dir>/rank_<N>, one file per rank) unless the
-    launch names a place: torch's default is /tmp of each node, gone with the node. The launch files turn the
-    recorder on (TORCH_NCCL_TRACE_BUFFER_SIZE, TORCH_NCCL_DUMP_ON_TIMEOUT); README shows how to read a dump."""
+    launch names a place: torch's default is /tmp of each node, gone with the node. Both names, for the torch
+    releases that read only the older one. The launch files turn the recorder on (TORCH_NCCL_TRACE_BUFFER_SIZE,
+    TORCH_NCCL_DUMP_ON_TIMEOUT); README "Seeing inside a run" shows how to read a dump."""
     if any(name in environ for name in FR_DUMP_VARS):
         return {}
-    return {FR_DUMP_VARS[0]: f"{trace_dir}/rank_"}
+    return {name: f"{trace_dir}/rank_" for name in FR_DUMP_VARS}
 
 
 def setup(device_preference: str, timeout_s: int, trace_dir: Path | None = None) -> Runtime:
@@ -84,8 +86,10 @@ def setup(device_preference: str, timeout_s: int, trace_dir: Path | None = None)
     device = pick_device(device_preference, local_rank, local_world_size)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        if trace_dir is not None:
-            os.environ.update(flight_recorder_env(trace_dir, os.environ))  # read when the NCCL group is made
+        dumps = flight_recorder_env(trace_dir, os.environ) if trace_dir is not None else {}
+        if dumps:  # read when the NCCL group is made; the dump itself makes no directories
+            trace_dir.mkdir(parents=True, exist_ok=True)
+            os.environ.update(dumps)
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
     if "MASTER_ADDR" in os.environ:

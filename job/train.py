@@ -9,7 +9,7 @@ checked in StepEnd (every step) and at each epoch's end, metrics go out through 
 """
 
 import argparse
-import os
+import contextlib
 import sys
 import time
 from collections.abc import Callable
@@ -44,8 +44,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", help="YAML file with model/data/train/mlflow sections")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--check", action="store_true",
-                        help="check the config and whether out_dir's checkpoint can be resumed with it, then exit "
-                             "(0, or 2 with the one-line error; nothing is written): the first command of a pod")
+                        help="check the config, whether out_dir's checkpoint can be resumed with it and, for "
+                             "train.device=cuda, a GPU; then exit: 0, 2 (config or checkpoint) or 1 (no GPU), "
+                             "with the one-line error; nothing is written. The first command of a pod or sbatch")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.epochs=10")
     return parser.parse_args(argv)
 
@@ -81,7 +82,7 @@ def check(cfg: Config) -> int:
         return 2
     try:
         distributed.pick_device(cfg.train.device, local_rank=0, local_world_size=1)
-    except LaunchError as e:  # this node's fault, not the config's: another node may do (exit 1 is retried)
+    except LaunchError as e:  # this node's fault, not the config's: Kubernetes may retry the pod on another node
         cli.error(str(e))
         return 1
     resume = (f"resumes {path}" + (f", changing {', '.join(changes)}" if changes else "")) if path else "starts fresh"
@@ -202,36 +203,26 @@ def train_epochs(parts: Parts, splits: Splits, cfg: Config, runtime: Runtime, st
         profiler = StepProfiler.build(cfg, runtime, tracker.info)
     hooks = [h for h in (Progress.build(cfg, runtime, tracker), profiler) if h is not None]
     on_step = StepEnd(parts, checkpoints, stop, t.checkpoint_every_steps, hooks)
-    try:
-        return _epochs(parts, splits, cfg, runtime, state, tracker, checkpoints, stop, on_step, end)
-    finally:
-        if profiler is not None:
-            profiler.close()
-
-
-def _epochs(parts: Parts, splits: Splits, cfg: Config, runtime: Runtime, state: TrainState, tracker: Tracker,
-            checkpoints: Checkpointer, stop: StopSignal, on_step: StepEnd, end: int) -> bool:
-    """Epochs state.epoch..end-1: train, validate, checkpoint when due, log; Preempted on a stop signal."""
-    t = cfg.train
-    started, first = time.perf_counter(), state.epoch
-    for epoch in range(state.epoch, end):
-        tic = time.perf_counter()
-        stats = train_one_epoch(parts, splits, cfg, runtime, state, tracker, on_step)
-        train_s = time.perf_counter() - tic
-        val = score(parts, splits.val_x, splits.val_y, cfg, runtime)
-        metrics = {"epoch": epoch, "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
-                  "val_loss": val.loss if val else None, "val_acc": val.accuracy if val else None,
-                  "lr": parts.scheduler.get_last_lr()[0], "images_per_sec": stats["images"] / train_s,
-                  "epoch_time_s": time.perf_counter() - tic}
-        best = state.end_epoch(metrics)
-        stopping = stop.requested()
-        if checkpoint_due(epoch, end, t.checkpoint_every_epochs, best=best, stopping=stopping):
-            checkpoints.save(parts, state, best=best)  # before logging: the checkpoint is what a resume trusts
-        per_epoch = (time.perf_counter() - started) / (epoch + 1 - first)
-        tracker.log_epoch(metrics, t.epochs, eta_s=per_epoch * (t.epochs - epoch - 1))
-        if stopping:
-            checkpoints.wait()
-            raise Preempted(f"{stop.received or 'a stop signal on another rank'} at the end of epoch {epoch + 1}")
+    with profiler or contextlib.nullcontext():
+        started, first = time.perf_counter(), state.epoch
+        for epoch in range(state.epoch, end):
+            tic = time.perf_counter()
+            stats = train_one_epoch(parts, splits, cfg, runtime, state, tracker, on_step)
+            train_s = time.perf_counter() - tic
+            val = score(parts, splits.val_x, splits.val_y, cfg, runtime)
+            metrics = {"epoch": epoch, "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
+                       "val_loss": val.loss if val else None, "val_acc": val.accuracy if val else None,
+                       "lr": parts.scheduler.get_last_lr()[0], "images_per_sec": stats["images"] / train_s,
+                       "epoch_time_s": time.perf_counter() - tic}
+            best = state.end_epoch(metrics)
+            stopping = stop.requested()
+            if checkpoint_due(epoch, end, t.checkpoint_every_epochs, best=best, stopping=stopping):
+                checkpoints.save(parts, state, best=best)  # before logging: the checkpoint is what a resume trusts
+            per_epoch = (time.perf_counter() - started) / (epoch + 1 - first)
+            tracker.log_epoch(metrics, t.epochs, eta_s=per_epoch * (t.epochs - epoch - 1))
+            if stopping:
+                checkpoints.wait()
+                raise Preempted(f"{stop.received or 'a stop signal on another rank'} at the end of epoch {epoch + 1}")
     checkpoints.wait()
     if end < t.epochs:
         tracker.info(f"stopped after epoch {end} of {t.epochs} (train.stop_after_epochs); "
@@ -276,9 +267,6 @@ def train_out_dir(cfg: Config, runtime: Runtime, config_path: str | None) -> boo
     splits = data.load_splits(cfg.data, runtime)  # before out_dir: a launch that fails here changes nothing
     steps = steps_per_epoch(cfg, runtime, len(splits.train_y))
     prepare_out_dir(cfg, runtime)
-    trace_dir = Path(t.out_dir) / "nccl_trace"
-    if runtime.device.type == "cuda" and os.environ.get(distributed.FR_DUMP_VARS[0]) == f"{trace_dir}/rank_":
-        trace_dir.mkdir(parents=True, exist_ok=True)  # on every node: a timeout's dump does not make directories
 
     state = TrainState()
     tracker = Tracker(cfg, runtime)
@@ -347,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         host.exit_with_launcher()  # first: the agent may die while the rendezvous below waits
         runtime = distributed.setup(cfg.train.device, cfg.train.timeout_s,
-                                    trace_dir=Path(cfg.train.out_dir) / "nccl_trace")  # train_out_dir makes it
+                                    trace_dir=Path(cfg.train.out_dir) / "nccl_trace")
         host.tune(cfg.train, runtime)
         return 0 if run(cfg, runtime, args.config) else INCOMPLETE_EXIT_CODE
     except USER_ERRORS as e:

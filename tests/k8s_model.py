@@ -421,10 +421,13 @@ def _torchrun_argv(tokens: list[str]) -> list[str] | None:
     return None
 
 
-def _call_args(tokens: list[str], function: str) -> list[str] | None:
-    """The arguments of a call of a shell function on this line, if there is one."""
+def _call_args(tokens: list[str], function: str, wrappers: set[str]) -> list[str] | None:
+    """The arguments of a call of a shell function on this line, if there is one; wrappers are the script's
+    functions that run their arguments as a command (`run_step launch ...`)."""
     for i, token in enumerate(tokens):
-        if token == function and (i == 0 or tokens[i - 1] in SHELL_OPERATORS + ("then", "do", "else", "!", "time")):
+        before = tokens[i - 1] if i else None
+        if token == function and (i == 0 or before in SHELL_OPERATORS + ("then", "do", "else", "!", "time")
+                                  or before in wrappers):
             return _until_operator(tokens[i + 1:])
     return None
 
@@ -467,7 +470,7 @@ def shell_launches(text: str, where: str) -> list[Launch]:
     for name, bodies in functions.items():
         for _, argv in bodies:
             for n, tokens in calls:
-                args = _call_args(tokens, name)
+                args = _call_args(tokens, name, set(functions) - {name})
                 if args is not None:
                     spliced = [a for t in argv for a in (args if t == ARGS else [t])]
                     out.append(Launch(f"{where}:{n}", spliced, {}))

@@ -44,9 +44,9 @@ def restarted_worker(proc, attempt: int) -> list[psutil.Process]:
 
 @pytest.mark.parametrize("signum,target", [(signal.SIGUSR1, "rank 1"), (signal.SIGTERM, "torchrun"),
                                            (signal.SIGINT, "group")])
-def test_signal_stops_every_rank_at_one_step_and_resume_is_exact(straight, tmp_path, signum, target):
+def test_a_signal_stops_every_rank_at_one_step_with_a_checkpoint(straight, tmp_path, signum, target):
     """SIGUSR1 to one worker (as Slurm sends it), SIGTERM to torchrun (as Kubernetes does), or SIGINT to the
-    whole process group (Ctrl-C at a terminal)."""
+    whole process group (Ctrl-C at a terminal); the resume from that step is checked bit for bit once."""
     out = tmp_path / "out"
     proc = launch(out)
     wait_until(lambda: last_step(out)[0] >= 1, proc=proc, what="epoch 1's checkpoint")  # inside epoch 2
@@ -100,11 +100,12 @@ def test_a_one_process_run_stopped_mid_epoch_resumes_on_two_ranks(tmp_path):
     wait_until(lambda: last_step(out)[1] > 0, proc=proc, what="a mid-epoch checkpoint")
     kill_tree(proc.pid)
     proc.wait()
-    epoch, step = last_step(out)
+    epoch, step = last_step(out)  # an epoch's end may have been written after the poll: then step 0
+    where = f"goes on at step {step} of 16" if step else "starts at its beginning"
     resumed = run_job([*COMMON, f"train.out_dir={out}"], nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (f"resume: world size 1 -> 2: per-rank batch 64 -> 32 (global 64, 16 steps per epoch and the LR "
-            f"schedule unchanged); epoch {epoch + 1} goes on at step {step} of 16") in resumed.stdout
+            f"schedule unchanged); epoch {epoch + 1} {where}") in resumed.stdout
     assert [r.get("epoch") for r in read_metrics(out)][-1] is None
     assert read_metrics(out)[-1]["test_acc"] > 0.5
 

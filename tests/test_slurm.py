@@ -127,6 +127,7 @@ def test_a_preempted_job_is_requeued_and_resumes(cluster, tmp_path):
     assert [r.get("epoch") for r in read_metrics(out)] == [0, 1, 2, 3, 4, None]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the test Slurm's GPU 0 would be this machine's real one")
 def test_a_job_holding_gpus_that_cuda_cannot_see_stops_before_training(cluster, tmp_path):
     out = tmp_path / "out"
     job = submit(cluster, tmp_path, *[a for a in TINY if a != "train.device=cpu"], f"train.out_dir={out}")
@@ -173,13 +174,16 @@ def test_an_array_refuses_a_seed_or_out_dir_of_its_own(cluster, tmp_path):
 
 STUBS = {
     "srun": 'printf "%s\\n" "$*" >> "$SRUN_LOG"; '
-            'echo "$TORCH_NCCL_TRACE_BUFFER_SIZE $TORCH_NCCL_DUMP_ON_TIMEOUT $TORCH_ELASTIC_SHUTDOWN_TIMEOUT" > "$SRUN_LOG.env"',
+            'echo "$TORCH_NCCL_TRACE_BUFFER_SIZE $TORCH_NCCL_DUMP_ON_TIMEOUT $TORCH_ELASTIC_SHUTDOWN_TIMEOUT" '
+            '> "$SRUN_LOG.env"',
     "scontrol": 'printf "%s\\n" "$*" >> "$SCONTROL_LOG"; case "$*" in "show hostnames"*) echo n1;; '
                 '"show node"*) echo "NodeName=n1 NodeAddr=10.0.0.1";; '
                 '"show job"*) echo "JobState=RUNNING PreemptTime=${STUB_PREEMPT_TIME:-None}";; '
-                '"show partition"*) echo "PartitionName=gpu PreemptMode=REQUEUE";; esac',
-    "scancel": "true",
+                '"show partition"*) echo "PartitionName=gpu PreemptMode=${STUB_PREEMPT_MODE:-REQUEUE}";; esac',
+    "scancel": 'printf "%s\\n" "$*" >> "$SCONTROL_LOG"',
 }
+# what a CI machine's own environment must not change in the script's behaviour
+FOREIGN = ("SLURM_", "SENET_", "TORCH_", "MASTER_PORT", "NPROC_PER_NODE", "OMP_NUM_THREADS")
 
 
 def run_script(tmp_path, *overrides: str, **env: str):
@@ -191,8 +195,9 @@ def run_script(tmp_path, *overrides: str, **env: str):
     slurm = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "SLURM_NNODES": "1", "SLURM_GPUS_ON_NODE": "4",
              "SLURM_CPUS_PER_TASK": "32", "SLURM_JOB_PARTITION": "gpu", "SRUN_LOG": str(tmp_path / "srun.log"),
              "SCONTROL_LOG": str(tmp_path / "scontrol.log")}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(FOREIGN)}
     result = subprocess.run(["bash", str(ROOT / "slurm" / "train.sbatch"), *overrides], cwd=tmp_path, text=True,
-                            capture_output=True, env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+                            capture_output=True, env={**clean, "PATH": f"{bin_dir}:{os.environ['PATH']}",
                                                       **slurm, **env})
     log = tmp_path / "srun.log"
     return result, log.read_text().splitlines() if log.exists() else []
@@ -238,3 +243,11 @@ def test_a_preempted_array_task_requeues_itself_not_the_whole_array(tmp_path):
     scontrol = (tmp_path / "scontrol.log").read_text().splitlines()
     assert "show job 7_0" in scontrol and "requeue 7_0" in scontrol and "requeue 7" not in scontrol
     assert "preempted at 2026-11-28T22:39:29 (PreemptMode=REQUEUE): requeueing" in result.stdout
+
+
+def test_a_preemption_where_the_site_cancels_is_not_requeued(tmp_path):
+    result, _ = run_script(tmp_path, STUB_PREEMPT_TIME="2026-11-28T22:39:29", STUB_PREEMPT_MODE="CANCEL")
+    assert result.returncode == 0, result.stderr
+    assert ("preempted at 2026-11-28T22:39:29 (PreemptMode=CANCEL): not requeued; the same sbatch command resumes "
+            "from the checkpoint") in result.stdout
+    assert not any(line.startswith("requeue") for line in (tmp_path / "scontrol.log").read_text().splitlines())

@@ -423,9 +423,9 @@ def test_a_run_lands_in_its_experiment_when_another_job_created_it_at_the_same_m
     assert run.info.experiment_id == mlflow.MlflowClient(tracking_uri=store).get_experiment_by_name("raced").experiment_id
 
 
-
 # ---- provenance ----------------------------------------------------------------------------------------------
 
+@pytest.mark.skipif(not (ROOT / ".git").exists(), reason="needs the git checkout (not an sdist or an image)")
 def test_the_commit_comes_from_git_in_a_checkout_and_from_the_image_outside_one(tmp_path, monkeypatch):
     from job import provenance
 
@@ -462,6 +462,8 @@ def test_no_progress_hook_unless_a_line_or_a_step_metric_is_asked_for_and_none_o
 def test_nccl_flight_recorder_dumps_into_the_out_dir_unless_the_launch_names_a_place(tmp_path):
     from job.distributed import flight_recorder_env
 
-    assert flight_recorder_env(tmp_path / "nccl_trace", {}) == {"TORCH_FR_DUMP_TEMP_FILE": f"{tmp_path}/nccl_trace/rank_"}
+    dumps = f"{tmp_path}/nccl_trace/rank_"
+    assert flight_recorder_env(tmp_path / "nccl_trace", {}) == {"TORCH_FR_DUMP_TEMP_FILE": dumps,
+                                                                 "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": dumps}
     for name in ("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE"):
         assert flight_recorder_env(tmp_path, {name: "/scratch/fr_"}) == {}
