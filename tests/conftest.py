@@ -76,16 +76,18 @@ def tiny() -> list[str]:
     return list(TINY)
 
 
-# Files whose tests share the session's `straight` run go to one worker, so it runs once.
-SHARE_STRAIGHT = {"tests.test_train", "tests.test_preemption"}
+# The runs that several tests read: their users go to one worker, so each runs once; a file's other tests
+# form a group of their own, so that the two workers stay evenly loaded.
+SHARED_RUNS = ("straight", "two_ranks")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(items) -> None:
-    """pytest-xdist (--dist loadgroup) keeps each file on one worker, module fixtures (the Slurm cluster, the MLflow
-    server) single, and the users of `straight` together."""
+    """pytest-xdist (--dist loadgroup) keeps each file on one worker (module fixtures such as the Slurm cluster
+    run once), except that the users of a shared run (SHARED_RUNS) go together."""
     for item in items:
-        module = item.module.__name__
-        item.add_marker(pytest.mark.xdist_group("straight" if module in SHARE_STRAIGHT else module))
+        shared = next((name for name in SHARED_RUNS if name in item.fixturenames), None)
+        item.add_marker(pytest.mark.xdist_group(shared or item.module.__name__))
 
 
 @pytest.fixture(scope="session")

@@ -63,52 +63,32 @@ def wait_state(cluster, job_id: str, states: set[str], timeout: float = 300) -> 
     return cluster.job_state(job_id)
 
 
-def test_two_node_job_completes(cluster, tmp_path):
+def test_usr1_requeues_and_a_later_term_stops_without_a_requeue(cluster, tmp_path):
     out = tmp_path / "out"
-    job = submit(cluster, tmp_path, *TINY, "train.epochs=2", f"train.out_dir={out}")
-    state = wait_state(cluster, job, FINAL)
-    log = (tmp_path / f"senet-{job}.out").read_text()
-    assert state == "COMPLETED", log[-4000:]
-    assert "gpus_per_node 1 nproc_per_node 1 cpus_per_node 2" in log  # the script's GPU request, srun's CPUs
-    assert log.count("senet-job: config OK; starts fresh") == 2  # job.train --check on each node first
-    assert "world_size 2  nodes 2 (node 0: rank 0; node 1: rank 1)" in log
-    assert "cpus_per_node 2 rendezvous 127.0.0.1:" in log  # NodeAddr, not `hostname`
-    assert [r.get("epoch") for r in read_metrics(out)] == [0, 1, None]
-    assert read_metrics(out)[-1]["test_acc"] > 0.5
-    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["world_size"] == 2
-
-
-def test_usr1_near_the_time_limit_checkpoints_and_requeues(cluster, tmp_path):
-    out = tmp_path / "out"
-    job = submit(cluster, tmp_path, *TINY, "train.epochs=6", "data.train_subset=2048", f"train.out_dir={out}")
+    job = submit(cluster, tmp_path, *TINY, "train.epochs=8", "data.train_subset=2048", f"train.out_dir={out}")
     wait_first_epoch(cluster, job, out)
     # what --signal=B:USR1@120 does near the time limit: USR1 to the batch script only
     cluster.run("scancel", "--signal=USR1", "--batch", job)
     wait_until(lambda: "REQUEUE" in cluster.job_state(job) or cluster.job_state(job) == "PENDING", 120,
                what="the requeue")
     stopped = train_state(out / "checkpoints" / "last.pt")
-    assert (stopped["epoch"], stopped["step"]) != (6, 0)
-    cluster.run("scancel", job)  # the resume of a requeued job: test_a_preempted_job_is_requeued_and_resumes
-    log = (tmp_path / f"senet-{job}.out").read_text()
-    assert "USR1 (time limit or preemption near)" in log and "preempted: SIGTERM" in log
-    assert f"requeueing job {job}" in log
-
-
-def test_term_to_the_batch_script_checkpoints_and_is_not_requeued(cluster, tmp_path):
-    out = tmp_path / "out"
-    job = submit(cluster, tmp_path, *TINY, "train.epochs=6", "data.train_subset=2048", f"train.out_dir={out}")
-    wait_first_epoch(cluster, job, out)
-    cluster.run("scancel", "--signal=TERM", "--batch", job)  # PreemptMode=CANCEL sites, a tired admin
+    assert (stopped["epoch"], stopped["step"]) != (8, 0)
+    start_requeued(cluster, job)
+    log = tmp_path / f"senet-{job}.out"
+    wait_until(lambda: f"at epoch {stopped['epoch'] + 1} step {stopped['step']}" in log.read_text(), 120,
+               what="the resume")
+    # then a TERM (scancel --signal=TERM --batch: a tired admin, a PreemptMode=CANCEL site): stop, no requeue
+    cluster.run("scancel", "--signal=TERM", "--batch", job)
     state = wait_state(cluster, job, FINAL, timeout=120)
-    log = (tmp_path / f"senet-{job}.out").read_text()
-    assert state == "FAILED", log[-3000:]  # it did not finish: no afterok dependency may start
-    assert "TERM (scancel, time limit or preemption)" in log and "preempted: SIGTERM" in log
-    assert "requeueing" not in log and "Restarts=0" in cluster.run("scontrol", "show", "job", job).stdout
-    stopped = train_state(out / "checkpoints" / "last.pt")
-    assert stopped["epoch"] < 6 and not (out / "finished.json").exists()
+    text = log.read_text()
+    assert state == "FAILED", text[-3000:]  # it did not finish: no afterok dependency may start
+    assert "USR1 (time limit or preemption near)" in text and f"requeueing job {job}" in text
+    assert "TERM (scancel, time limit or preemption)" in text and text.count("preempted: SIGTERM") == 2
+    assert text.count("requeueing job") == 1 and "Restarts=1" in cluster.run("scontrol", "show", "job", job).stdout
+    assert train_state(out / "checkpoints" / "last.pt")["epoch"] < 8 and not (out / "finished.json").exists()
 
 
-def test_a_preempted_job_is_requeued_and_resumes(cluster, tmp_path):
+def test_a_two_node_job_preempted_is_requeued_resumes_and_completes(cluster, tmp_path):
     out = tmp_path / "out"
     job = submit(cluster, tmp_path, *TINY, "train.epochs=5", "data.train_subset=2048", f"train.out_dir={out}")
     wait_first_epoch(cluster, job, out)
@@ -125,6 +105,13 @@ def test_a_preempted_job_is_requeued_and_resumes(cluster, tmp_path):
     assert "(PreemptMode=REQUEUE): requeueing" in log and "preempted: SIGTERM" in log
     assert "restart 1" in log and f"at epoch {stopped['epoch'] + 1} step {stopped['step']}" in log
     assert [r.get("epoch") for r in read_metrics(out)] == [0, 1, 2, 3, 4, None]
+    assert read_metrics(out)[-1]["test_acc"] > 0.5
+    # the two-node layout: the script's GPU request, srun's CPUs, the rendezvous at Slurm's NodeAddr
+    assert "gpus_per_node 1 nproc_per_node 1 cpus_per_node 2 rendezvous 127.0.0.1:" in log  # not `hostname`
+    assert log.count("senet-job: config OK; starts fresh") == 2  # job.train --check on each node first
+    assert log.count(f"senet-job: config OK; resumes {out}/checkpoints/last.pt") == 2
+    assert log.count("world_size 2  nodes 2 (node 0: rank 0; node 1: rank 1)") == 2
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["world_size"] == 2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the test Slurm's GPU 0 would be this machine's real one")
