@@ -75,8 +75,8 @@ def test_usr1_requeues_and_a_later_term_stops_without_a_requeue(cluster, tmp_pat
     assert (stopped["epoch"], stopped["step"]) != (8, 0)
     start_requeued(cluster, job)
     log = tmp_path / f"senet-{job}.out"
-    wait_until(lambda: f"at epoch {stopped['epoch'] + 1} step {stopped['step']}" in log.read_text(), 120,
-               what="the resume")
+    resumed = f"resuming {out}/checkpoints/last.pt at epoch {stopped['epoch'] + 1} step {stopped['step']}"
+    wait_until(lambda: resumed in log.read_text(), 120, what="the resume")
     # then a TERM (scancel --signal=TERM --batch: a tired admin, a PreemptMode=CANCEL site): stop, no requeue
     cluster.run("scancel", "--signal=TERM", "--batch", job)
     state = wait_state(cluster, job, FINAL, timeout=120)
@@ -103,7 +103,8 @@ def test_a_two_node_job_preempted_is_requeued_resumes_and_completes(cluster, tmp
     log = (tmp_path / f"senet-{job}.out").read_text()
     assert state == "COMPLETED", log[-4000:]
     assert "(PreemptMode=REQUEUE): requeueing" in log and "preempted: SIGTERM" in log
-    assert "restart 1" in log and f"at epoch {stopped['epoch'] + 1} step {stopped['step']}" in log
+    assert "restart 1" in log
+    assert f"resuming {out}/checkpoints/last.pt at epoch {stopped['epoch'] + 1} step {stopped['step']}" in log
     assert [r.get("epoch") for r in read_metrics(out)] == [0, 1, 2, 3, 4, None]
     assert read_metrics(out)[-1]["test_acc"] > 0.5
     # the two-node layout: the script's GPU request, srun's CPUs, the rendezvous at Slurm's NodeAddr
