@@ -68,7 +68,7 @@ FR_DUMP_VARS = ("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE")  #
 def flight_recorder_env(trace_dir: Path, environ: Mapping[str, str]) -> dict[str, str]:
     """Where NCCL's Flight Recorder dumps on a timeout (<trace_dir>/rank_<N>, one file per rank) unless the
     launch names a place: torch's default is /tmp of each node, gone with the node. Both names, for the torch
-    releases that read only the older one. The launch files turn the recorder on (TORCH_NCCL_TRACE_BUFFER_SIZE,
+    releases that read only the older one. The launch files turn the recorder on (TORCH_FR_BUFFER_SIZE,
     TORCH_NCCL_DUMP_ON_TIMEOUT); README "Seeing inside a run" shows how to read a dump."""
     if any(name in environ for name in FR_DUMP_VARS):
         return {}

@@ -325,7 +325,7 @@ def test_training_pods_environment(pod):
         assert env[name]["valueFrom"]["secretKeyRef"]["optional"] is True
     grace = pod.spec["terminationGracePeriodSeconds"]
     assert int(env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]["value"]) < grace, "torchrun's wait must end before SIGKILL"
-    assert int(env["TORCH_NCCL_TRACE_BUFFER_SIZE"]["value"]) > 0 and env["TORCH_NCCL_DUMP_ON_TIMEOUT"]["value"] == "1"
+    assert int(env["TORCH_FR_BUFFER_SIZE"]["value"]) > 0 and env["TORCH_NCCL_DUMP_ON_TIMEOUT"]["value"] == "1"
 
 
 @pytest.mark.parametrize("pod", PODS, ids=pod_id)

@@ -76,7 +76,9 @@ def test_usr1_requeues_and_a_later_term_stops_without_a_requeue(cluster, tmp_pat
     start_requeued(cluster, job)
     log = tmp_path / f"senet-{job}.out"
     resumed = f"resuming {out}/checkpoints/last.pt at epoch {stopped['epoch'] + 1} step {stopped['step']}"
-    wait_until(lambda: resumed in log.read_text(), 120, what="the resume")
+    # training again (the stop signals are handled from the first step on): the interrupted epoch's end
+    wait_until(lambda: resumed in log.read_text() and f"epoch {stopped['epoch'] + 1}/8  loss" in log.read_text(),
+               120, what="the resumed training")
     # then a TERM (scancel --signal=TERM --batch: a tired admin, a PreemptMode=CANCEL site): stop, no requeue
     cluster.run("scancel", "--signal=TERM", "--batch", job)
     state = wait_state(cluster, job, FINAL, timeout=120)
@@ -162,7 +164,7 @@ def test_an_array_refuses_a_seed_or_out_dir_of_its_own(cluster, tmp_path):
 
 STUBS = {
     "srun": 'printf "%s\\n" "$*" >> "$SRUN_LOG"; '
-            'echo "$TORCH_NCCL_TRACE_BUFFER_SIZE $TORCH_NCCL_DUMP_ON_TIMEOUT $TORCH_ELASTIC_SHUTDOWN_TIMEOUT" '
+            'echo "$TORCH_FR_BUFFER_SIZE $TORCH_NCCL_DUMP_ON_TIMEOUT $TORCH_ELASTIC_SHUTDOWN_TIMEOUT" '
             '> "$SRUN_LOG.env"',
     "scontrol": 'printf "%s\\n" "$*" >> "$SCONTROL_LOG"; case "$*" in "show hostnames"*) echo n1;; '
                 '"show node"*) echo "NodeName=n1 NodeAddr=10.0.0.1";; '
