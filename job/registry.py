@@ -90,11 +90,12 @@ def log_and_register(mlflow, weights: dict, example: torch.Tensor, *, cfg: Confi
         output = wrapped(example)
     with tempfile.TemporaryDirectory() as tmp:
         exported = Path(tmp) / Path(EXPORTED).name
-        export(wrapped, example, exported)
+        if cfg.mlflow.export_pt2:
+            export(wrapped, example, exported)
         info = mlflow.pytorch.log_model(
             wrapped, name="model", serialization_format="pickle", code_paths=[str(Path(senet.__file__).parent)],
-            extra_files=[str(exported)], signature=infer_signature(example.numpy(), output.numpy()),
-            input_example=example.numpy(),
+            extra_files=[str(exported)] if cfg.mlflow.export_pt2 else None,
+            signature=infer_signature(example.numpy(), output.numpy()), input_example=example.numpy(),
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"])
     version_tags = {"val_acc": "" if val_acc is None else str(val_acc), "test_acc": str(test_acc),  # exact
                     "run_id": run_id, **tags}
@@ -102,8 +103,8 @@ def log_and_register(mlflow, weights: dict, example: torch.Tensor, *, cfg: Confi
     client.update_model_version(name, version, description=(
         f"SENet{cfg.model.depth} width {cfg.model.width} on {cfg.data.source} (data {tags['data_fingerprint']}, "
         f"recipe {tags['config_hash']}): val_acc {version_tags['val_acc'] or '-'}, test_acc {test_acc:.4f}; "
-        f"run {run_id}. Input uint8 (N, 3, 32, 32) RGB, output logits (N, 10); the same as a torch.export "
-        f"program, free of pickle, at {EXPORTED}."))
+        f"run {run_id}. Input uint8 (N, 3, 32, 32) RGB, output logits (N, 10)"
+        + (f"; the same as a torch.export program, free of pickle, at {EXPORTED}." if cfg.mlflow.export_pt2 else ".")))
     line = promote(client, name, version, val_acc, cfg.mlflow.promote_margin, tags["data_fingerprint"],
                    aliases(cfg, tags["data_fingerprint"]))
     reason = not_production(cfg.data)

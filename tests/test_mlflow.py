@@ -17,8 +17,9 @@ TRACKED = [a for a in TINY if not a.startswith("mlflow.")]
 
 
 def tracked(server, name: str, *extra: str) -> list[str]:
+    """A tracked TINY run; without the .pt2 export, which tests/test_serving.py checks (~2.5 s a registration)."""
     return [*TRACKED, f"mlflow.tracking_uri={server.uri}", f"mlflow.experiment={name}",
-            f"mlflow.registered_model={name}", *extra]
+            f"mlflow.registered_model={name}", "mlflow.export_pt2=false", *extra]
 
 
 def only_run(client, experiment: str):
