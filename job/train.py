@@ -44,9 +44,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", help="YAML file with model/data/train/mlflow sections")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--check", action="store_true",
-                        help="check the config, whether out_dir's checkpoint can be resumed with it and, for "
-                             "train.device=cuda, a GPU; then exit: 0, 2 (config or checkpoint) or 1 (no GPU), "
-                             "with the one-line error; nothing is written. The first command of a pod or sbatch")
+                        help="check the config, whether out_dir's checkpoint can be resumed with it, the staged "
+                             "CIFAR-10 files and, for train.device=cuda, a GPU; then exit: 0, 2 (config, "
+                             "checkpoint or data) or 1 (no GPU), with the one-line error; nothing is written. "
+                             "The first command of a pod or sbatch")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.epochs=10")
     return parser.parse_args(argv)
 
@@ -71,13 +72,16 @@ def check_resume(cfg: Config) -> tuple[Path | None, dict | None, list[str]]:
 
 
 def check(cfg: Config) -> int:
-    """--check: what would fail the same way on every restart, found before torchrun starts: the config and
-    out_dir's checkpoint (exit 2: a Kubernetes podFailurePolicy fails the Job once instead of restarting it),
-    and a GPU where train.device=cuda asks for one (exit 1). The sbatch script stops on either. Writes nothing."""
+    """--check: what would fail the same way on every restart, found before torchrun starts: the config,
+    out_dir's checkpoint and staged CIFAR-10 files (exit 2: a Kubernetes podFailurePolicy fails the Job once
+    instead of restarting it), and a GPU where train.device=cuda asks for one (exit 1). The sbatch script
+    stops on either. Writes nothing."""
     try:
         done = outdir.finished_line(cfg)
         path, _, changes = (None, None, []) if done else check_resume(cfg)
-    except (ConfigError, CheckpointError, OutDirError) as e:
+        if cfg.data.source == "cifar10" and not cfg.data.download:  # staged files: there, and whole
+            data.check(cfg.data.root, cfg.data.verify)
+    except (ConfigError, CheckpointError, OutDirError, DataError) as e:
         cli.error(str(e))
         return 2
     try:

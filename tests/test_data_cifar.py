@@ -337,6 +337,10 @@ def test_train_without_data_fails_cleanly(tmp_path):
     assert list((out / "checkpoints").iterdir()) == []  # nothing written where checkpoints live
     assert (out / "metrics.jsonl").read_text() == '{"epoch": 0, "val_acc": 0.5}\n'  # nor metrics truncated
     assert not root.exists()
+    # found before torchrun by the pods' and sbatch's first command: exit 2, which fails a Job at once
+    checked = run_module("job.train", "--check", "data.source=cifar10", "data.download=false", f"data.root={root}",
+                         f"train.out_dir={out}", *TINY)
+    assert checked.returncode == 2 and checked.stderr == result.stderr
 
 
 def test_torchrun_two_ranks_download_once_and_train(server, tmp_path):

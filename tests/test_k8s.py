@@ -20,6 +20,8 @@ import sys
 import time
 from urllib.parse import urlsplit
 
+from pathlib import Path
+
 import pytest
 
 pytest.register_assert_rewrite("tests.k8s_model")  # its asserts explain their failures like the ones here
@@ -207,13 +209,19 @@ def test_indexed_job_and_its_headless_service_agree():
 def test_training_pods_check_the_config_before_torchrun(launch, tmp_path, capfd):
     """The pod's own check, run on the ConfigMap's config: it passes (writing nothing), and a mistake in the job's
     arguments ends it with exit 2 and one line."""
-    from job.train import main
+    from job.train import main, parse_args
+    from tests.fakecifar import make_cifar10
 
     assert check_first_problems(launch) == []
     paths = local_paths(launch.pod, launch.container, tmp_path)
-    empty = [path for path in paths.values() if not any(path.iterdir())]  # the shared volume among them
     check = [localize(a, paths) for a in launch.commands[torchrun_index(launch.commands) - 1][1][3:]]
     capfd.readouterr()
+    assert main(check) == 2  # CIFAR-10 not staged on the volume yet: found before torchrun, not in every restart
+    assert "error: CIFAR-10 not found: " in capfd.readouterr().err
+    args = parse_args(check)
+    make_cifar10(Path(config.load(args.config, args.overrides).data.root), n_train_per_batch=10, n_test=10)
+    check.append("data.verify=false")  # staged, as README says, but not the original files' md5
+    empty = [path for path in paths.values() if not any(path.iterdir())]
     assert main(check) == 0, capfd.readouterr().err
     assert "senet-job: config OK; starts fresh" in capfd.readouterr().out
     assert main([*check, "train.epochz=3"]) == 2
