@@ -3,11 +3,14 @@
 import os
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
 from job.distributed import Runtime
+from job.provenance import NOT_RECIPE
 
 # what every checkpoint of the job holds; anything else (a bare state_dict, a list) is refused in one line
 KEYS = ("model", "optimizer", "scheduler", "scaler", "train_state", "rng", "config", "world_size")
@@ -27,8 +30,9 @@ def previous(path: Path) -> Path:
     return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
-def save(state: dict, path: Path, keep_previous: bool = False) -> None:
-    """Write state to path so that a crash at any moment leaves either the old file or the new one.
+def write_atomically(path: Path, write: Callable[[BinaryIO], None], keep_previous: bool = False) -> None:
+    """path gets what write(file) writes, so that a crash at any moment leaves either the old file or the new
+    one (a temp file, fsync, rename, the directory fsynced); OSError as the filesystem raised it.
 
     keep_previous moves the old file to previous(path) first: a fallback should the new one be unreadable.
     """
@@ -36,15 +40,23 @@ def save(state: dict, path: Path, keep_previous: bool = False) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         if keep_previous and path.exists():
             os.replace(path, previous(path))
         os.replace(tmp, path)
         sync_dir(path.parent)
-    except OSError as e:
+    except OSError:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+def save(state: dict, path: Path, keep_previous: bool = False) -> None:
+    """Write the checkpoint state to path atomically (write_atomically); a failure is one CheckpointError line."""
+    try:
+        write_atomically(path, lambda f: torch.save(state, f), keep_previous)
+    except OSError as e:
         raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous one is intact") from None
 
 
@@ -204,12 +216,9 @@ def check_model(state: dict, model_config: dict, path: Path) -> None:
 RESUME_APPLIES = {"train.epochs", "train.label_smoothing", "train.clip_grad_norm", "train.tta", "train.precision",
                   "train.sync_bn", "train.eval_batch_size", "data.mixup_alpha", "data.cutmix_alpha", "data.cutout",
                   "data.test_subset", "data.root", "data.download", "data.verify", "data.url", "data.md5"}
-# where outputs go and how the launch runs, not what is trained: changed silently
-RESUME_SILENT = {f"train.{k}" for k in (
-    "out_dir", "resume", "stop_after_epochs", "stop_signals", "timeout_s", "checkpoint_every_steps",
-    "checkpoint_every_epochs", "deterministic", "step_times", "threads", "channels_last", "compile",
-    "reuse_host_memory", "grad_compression", "bucket_mb", "device", "log_every_s", "log_every_steps", "profile",
-    "profile_skip", "profile_warmup", "profile_active", "profile_ranks")}
+# where outputs go and how the launch runs (and how fast), not what is trained: changed silently
+RESUME_SILENT = {f"train.{k}" for k in (*NOT_RECIPE, "channels_last", "compile", "reuse_host_memory",
+                                        "grad_compression", "bucket_mb", "device")}
 
 
 def config_changes(saved: dict, cfg) -> tuple[list[str], list[str]]:
@@ -231,9 +240,8 @@ def resume_changes(state: dict, cfg, path: Path) -> list[str]:
     changes, refused = config_changes(state["config"], cfg)
     done = state["train_state"]["epoch"] + (1 if state["train_state"].get("step") else 0)  # a begun epoch counts
     if cfg.train.epochs < done:
-        refused.append(f"train.epochs {cfg.train.epochs} (the checkpoint has begun {done} epochs)"
-                       if state["train_state"].get("step") else
-                       f"train.epochs {cfg.train.epochs} (the checkpoint has done {done} epochs)")
+        verb = "begun" if state["train_state"].get("step") else "done"
+        refused.append(f"train.epochs {cfg.train.epochs} (the checkpoint has {verb} {done} epochs)")
     precisions = {state["config"]["train"].get("precision"), cfg.train.precision}
     if "fp16" in precisions and len(precisions) > 1:
         refused.append("train.precision to or from fp16 (its loss scaler's state does not carry over)")

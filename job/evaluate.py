@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from job import checkpoint, cli, config, data, distributed
+from job import checkpoint, cli, config, data, distributed, registry
 from job.checkpoint import CheckpointError
 from job.config import ConfigError
 from job.data import DataError, eval_shard, normalize
@@ -92,23 +92,17 @@ def load_model(source: str, runtime: Runtime, tracking_uri: str = "") -> tuple[n
     Registry models carry their own normalisation and take uint8 images; checkpoints hold the bare SENet.
     For a URI, rank 0 alone talks to MLflow and broadcasts the model to the other ranks.
     """
-    if "://" not in source and not source.startswith(("models:/", "runs:/")):
+    if not registry.is_logged(source):
         state = checkpoint.load(source)
-        m = state["config"]["model"]
-        model = senet(m["depth"], width=m["width"], reduction=m["reduction"])
+        model = senet(**state["config"]["model"])
         model.load_state_dict(checkpoint.weights(state))  # the EMA's when the run kept one
         return model.to(runtime.device), False
     box = [None]
     if runtime.is_main:
         try:
-            import mlflow
-
-            from job.tracking import tracking_uri as resolve
-
-            mlflow.set_tracking_uri(resolve(tracking_uri))
-            box[0] = mlflow.pytorch.load_model(source, map_location="cpu")
-        except Exception as e:
-            box[0] = f"cannot load model {source}: {cli.first_line(e)}"
+            box[0] = registry.load_logged(source, tracking_uri)
+        except CheckpointError as e:
+            box[0] = str(e)
     dist.broadcast_object_list(box, src=0)
     if isinstance(box[0], str):
         raise CheckpointError(box[0])

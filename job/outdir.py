@@ -131,11 +131,5 @@ def finished_line(cfg) -> str | None:
 
 def mark_finished(out_dir: str, record: dict) -> None:
     """Write finished.json atomically and durably (once the run's results, MLflow's included, are complete)."""
-    path = Path(out_dir) / FINISHED
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(record, indent=1) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    checkpoint.sync_dir(path.parent)
+    text = json.dumps(record, indent=1) + "\n"
+    checkpoint.write_atomically(Path(out_dir) / FINISHED, lambda f: f.write(text.encode()))

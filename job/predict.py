@@ -25,17 +25,9 @@ def load(source: str, device: torch.device) -> nn.Module:
     """The model behind source on device, taking uint8 images (N, 3, 32, 32) and returning logits: an MLflow URI
     (models:/..., runs:/...), an exported .pt2, or a job checkpoint (built as its run registers it: normalisation
     and the run's train.tta included)."""
-    if "://" in source or source.startswith(("models:/", "runs:/")):
-        import mlflow
-
-        from job.tracking import tracking_uri
-
+    if registry.is_logged(source):
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr is for errors here
-        mlflow.set_tracking_uri(tracking_uri(""))
-        try:
-            return mlflow.pytorch.load_model(source, map_location="cpu").to(device)
-        except Exception as e:  # MLflow raises its own and the store's exceptions: the message says which
-            raise CheckpointError(f"cannot load model {source}: {cli.first_line(e)}") from None
+        return registry.load_logged(source).to(device)
     if source.endswith(".pt2"):
         if not os.path.isfile(source):
             raise CheckpointError(f"exported model not found: {source}")

@@ -83,9 +83,7 @@ def check_start(cfg: config.Config, runtime: Runtime) -> str:
     ownership = Ownership(cfg.train.out_dir)
     ownership.acquire()  # raises the owner's name if a launch holds it; the file stays (an empty .owner)
     ownership.release()
-    path, _, changes = train.check_resume(cfg)
-    resume = (f"resumes {path}" + (f", changing {', '.join(changes)}" if changes else "")) if path else "starts fresh"
-    return f"{images} training images, {steps} steps per epoch; {resume}"
+    return f"{images} training images, {steps} steps per epoch; {train.resume_plan(cfg)}"
 
 
 def _training_images(cfg: config.Config) -> int:

@@ -39,7 +39,7 @@ class StepProfiler:
 
     @staticmethod
     def build(cfg: Config, runtime: Runtime, say: Callable[[str], None]) -> "StepProfiler | None":
-        wanted = cfg.train.profile and (cfg.train.profile_ranks == "all" or runtime.is_main)
+        wanted = cfg.train.profile_ranks == "all" or runtime.is_main  # the caller asked for train.profile
         return StepProfiler(cfg, runtime, say) if wanted else None
 
     def __enter__(self) -> "StepProfiler":
@@ -51,7 +51,7 @@ class StepProfiler:
         if self.done:
             return
         self.steps += 1
-        self._memory(self.steps == self.skip)  # the warm-up begins: the allocator's history from here
+        self._memory(self.steps >= self.skip)  # from the warm-up on: the allocator's history over the window
         self.prof.step()
 
     def __exit__(self, *exc) -> None:

@@ -36,9 +36,31 @@ def servable(weights: dict, model: dict, tta: str) -> nn.Sequential:
     """A CPU copy of the trained network behind its input normalisation, in eval mode; with tta="flip" it
     averages each image's logits with its mirror's, so it predicts exactly what the run's test_acc measured.
     model is the config's model section as a dict (depth, width, reduction), as checkpoints hold it."""
-    net = senet.senet(model["depth"], width=model["width"], reduction=model["reduction"])
+    net = senet.senet(**model)
     net.load_state_dict(weights)  # a plain SENet, whatever wrapped it in training (SyncBatchNorm, compile)
     return nn.Sequential(senet.Normalize(MEAN, STD), senet.FlipAverage(net) if tta == "flip" else net).eval()
+
+
+def is_logged(source: str) -> bool:
+    """Whether source names an MLflow model (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model, a URI)
+    rather than a file."""
+    return "://" in source or source.startswith(("models:/", "runs:/"))
+
+
+def load_logged(source: str, tracking_uri: str = "") -> nn.Module:
+    """The logged (pickle-flavour) model source names, on the CPU; CheckpointError with one line when MLflow
+    cannot load it. tracking_uri as mlflow.tracking_uri takes it ("" for $MLFLOW_TRACKING_URI or ./mlflow.db)."""
+    import mlflow
+
+    from job.checkpoint import CheckpointError
+    from job.cli import first_line
+    from job.tracking import tracking_uri as resolve
+
+    mlflow.set_tracking_uri(resolve(tracking_uri))
+    try:
+        return mlflow.pytorch.load_model(source, map_location="cpu")
+    except Exception as e:  # MLflow raises its own and the store's exceptions: the message says which
+        raise CheckpointError(f"cannot load model {source}: {first_line(e)}") from None
 
 
 def export(model: nn.Module, example: torch.Tensor, path: Path) -> None:

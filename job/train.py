@@ -10,6 +10,7 @@ checked in StepEnd (every step) and at each epoch's end, metrics go out through 
 
 import argparse
 import contextlib
+import dataclasses
 import sys
 import time
 from collections.abc import Callable
@@ -71,14 +72,19 @@ def check_resume(cfg: Config) -> tuple[Path | None, dict | None, list[str]]:
     return path, saved, checkpoint.resume_changes(saved, cfg, path)
 
 
+def resume_plan(cfg: Config) -> str:
+    """check_resume's answer as words: "resumes PATH, changing KEY OLD -> NEW, ..." or "starts fresh"."""
+    path, _, changes = check_resume(cfg)
+    return (f"resumes {path}" + (f", changing {', '.join(changes)}" if changes else "")) if path else "starts fresh"
+
+
 def check(cfg: Config) -> int:
     """--check: what would fail the same way on every restart, found before torchrun starts: the config,
     out_dir's checkpoint and staged CIFAR-10 files (exit 2: a Kubernetes podFailurePolicy fails the Job once
     instead of restarting it), and a GPU where train.device=cuda asks for one (exit 1). The sbatch script
     stops on either. Writes nothing."""
     try:
-        done = outdir.finished_line(cfg)
-        path, _, changes = (None, None, []) if done else check_resume(cfg)
+        plan = outdir.finished_line(cfg) or resume_plan(cfg)
         if cfg.data.source == "cifar10" and not cfg.data.download:  # staged files: there, and whole
             data.check(cfg.data.root, cfg.data.verify)
     except (ConfigError, CheckpointError, OutDirError, DataError) as e:
@@ -89,8 +95,7 @@ def check(cfg: Config) -> int:
     except LaunchError as e:  # this node's fault, not the config's: Kubernetes may retry the pod on another node
         cli.error(str(e))
         return 1
-    resume = (f"resumes {path}" + (f", changing {', '.join(changes)}" if changes else "")) if path else "starts fresh"
-    print(f"senet-job: config OK; {done or resume}", flush=True)
+    print(f"senet-job: config OK; {plan}", flush=True)
     return 0
 
 
@@ -131,7 +136,7 @@ def build(cfg: Config, runtime: Runtime, steps: int, saved: dict | None) -> Part
     """Model, EMA, optimizer, scheduler and scaler (loaded from saved when resuming), then DDP and compile."""
     t = cfg.train
     torch.manual_seed(t.seed)
-    model = senet(cfg.model.depth, width=cfg.model.width, reduction=cfg.model.reduction).to(runtime.device)
+    model = senet(**dataclasses.asdict(cfg.model)).to(runtime.device)
     if use_sync_bn(t.sync_bn, t.batch_size // runtime.world_size, runtime):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameter and buffer names
     if t.channels_last:

@@ -23,6 +23,7 @@ TINY = ["model.width=8", "data.source=synthetic", "data.val_size=256", "data.tra
 
 # The 2-rank, 3-epoch run that the end-to-end tests share and that every interrupted run must equal.
 COMMON = [*TINY, "train.epochs=3"]
+TRACKED = [a for a in TINY if not a.startswith("mlflow.")]  # TINY for a run that an MLflow test's URI tracks
 
 
 def job_env(**extra: str) -> dict:

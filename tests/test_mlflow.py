@@ -10,10 +10,9 @@ import time
 import pytest
 import torch
 
-from tests.conftest import (ROOT, TINY, MlflowServer, faulty_save_env, free_port, job_env, kill_tree, read_metrics, run_job,
+from tests.conftest import (ROOT, TINY, TRACKED, MlflowServer, faulty_save_env, free_port, job_env, kill_tree, read_metrics, run_job,
                             start_job, train_state, wait_until)
 
-TRACKED = [a for a in TINY if not a.startswith("mlflow.")]
 
 
 def tracked(server, name: str, *extra: str) -> list[str]:

@@ -45,6 +45,7 @@ def test_a_dead_owners_file_is_taken_over_with_a_note(tmp_path):
 def test_workers_stop_with_a_killed_torchrun_agent_and_leave_a_checkpoint(tmp_path):
     out = tmp_path / "out"
     agent = start_job([*LONG, f"train.out_dir={out}", "train.checkpoint_every_steps=0"], nproc=2)
+    workers = []
     try:
         wait_until(lambda: (out / "metrics.jsonl").exists() and len(psutil.Process(agent.pid).children()) == 2,
                    proc=agent, what="two workers training")
@@ -56,7 +57,7 @@ def test_workers_stop_with_a_killed_torchrun_agent_and_leave_a_checkpoint(tmp_pa
         err = agent.stderr.read()
     finally:
         kill_tree(agent.pid)
-        for w in workers if "workers" in locals() else []:
+        for w in workers:
             kill_tree(w.pid)
     assert "warning: the torchrun agent" in err and "this worker" in err
     out_text = agent.stdout.read()  # they took the stop path: one agreed step, a checkpoint (rank 0 may hear of it

@@ -17,7 +17,7 @@ from PIL import Image
 from job import predict
 from job.data import CLASSES, synthetic
 from job.registry import EXPORTED
-from tests.conftest import ROOT, TINY, free_port, job_env, kill_tree, run_job, wait_until
+from tests.conftest import ROOT, TRACKED, free_port, job_env, kill_tree, run_job, wait_until
 
 CHAMPION = "models:/serve-dev@champion"
 CIFAR_JPEGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-train-jpeg.tar.gz"
@@ -30,7 +30,7 @@ def registered(mlflow_server, tmp_path_factory) -> Path:
     import mlflow
 
     out = tmp_path_factory.mktemp("serve") / "out"
-    result = run_job([*(a for a in TINY if not a.startswith("mlflow.")), f"mlflow.tracking_uri={mlflow_server.uri}",
+    result = run_job([*TRACKED, f"mlflow.tracking_uri={mlflow_server.uri}",
                       "mlflow.experiment=serve", "mlflow.registered_model=serve", "train.epochs=1",
                       "data.train_subset=256", "data.val_size=64", "data.test_subset=64",
                       f"train.out_dir={out}"])

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from tests import slurm_cluster
-from tests.conftest import ROOT, TINY, free_port, job_env, read_metrics, run_job, train_state, wait_until
+from tests.conftest import ROOT, TINY, TRACKED, free_port, job_env, read_metrics, run_job, train_state, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +132,7 @@ def test_a_job_holding_gpus_that_cuda_cannot_see_stops_before_training(cluster, 
 def test_an_array_trains_one_seed_per_task_and_the_report_groups_them(cluster, mlflow_server, tmp_path):
     base = tmp_path / "seeds"
     env = {**job_env(), "SLURM_CONF": str(cluster.conf), "SENET_OUT_DIR": str(base)}
-    tracked = [a for a in TINY if not a.startswith("mlflow.")]
-    args = [*tracked, "train.epochs=2", f"mlflow.tracking_uri={mlflow_server.uri}", "mlflow.experiment=array",
+    args = [*TRACKED, "train.epochs=2", f"mlflow.tracking_uri={mlflow_server.uri}", "mlflow.experiment=array",
             "mlflow.registered_model=array"]
     job = cluster.run("sbatch", "--array=0-2", "--nodes=1", "--cpus-per-task=1", "--mem=1G", f"--chdir={tmp_path}",
                       str(ROOT / "slurm" / "train.sbatch"), *args, env=env).stdout.split()[-1]

@@ -21,6 +21,8 @@ from tests.conftest import ROOT
 
 CPU = Runtime(rank=0, local_rank=0, world_size=1, local_world_size=1, num_nodes=1, device=torch.device("cpu"),
               backend="gloo")
+RANK1 = Runtime(rank=1, local_rank=1, world_size=2, local_world_size=2, num_nodes=1, device=torch.device("cpu"),
+                backend="gloo")
 
 
 # ---- LR schedule ---------------------------------------------------------------------------------------------
@@ -144,9 +146,7 @@ def test_checkpoints_every_n_epochs_and_always_when_a_resume_or_best_pt_needs_on
 
 
 def test_other_ranks_write_nothing(tmp_path):
-    rank1 = Runtime(rank=1, local_rank=1, world_size=2, local_world_size=2, num_nodes=1, device=torch.device("cpu"),
-                    backend="gloo")
-    Checkpointer(str(tmp_path), rank1, {}).save(parts_of(senet18(width=4)), TrainState(), best=True)
+    Checkpointer(str(tmp_path), RANK1, {}).save(parts_of(senet18(width=4)), TrainState(), best=True)
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -452,9 +452,7 @@ def test_no_progress_hook_unless_a_line_or_a_step_metric_is_asked_for_and_none_o
     quiet = Config(train=TrainConfig(log_every_s=0, log_every_steps=0))
     assert Progress.build(quiet, CPU, Tracker()) is None
     assert Progress.build(Config(), CPU, Tracker()) is not None  # the default: a line every 30 s
-    other = Runtime(rank=1, local_rank=1, world_size=2, local_world_size=2, num_nodes=1,
-                    device=torch.device("cpu"), backend="gloo")
-    assert Progress.build(Config(), other, Tracker()) is None
+    assert Progress.build(Config(), RANK1, Tracker()) is None
     monkeypatch.setattr("sys.stdout.isatty", lambda: True)  # a terminal has tqdm's bar instead
     assert Progress.build(Config(), CPU, Tracker()) is None
 
