@@ -8,7 +8,7 @@ import typing
 import pytest
 import yaml
 
-from job import config
+from job import config, train
 from job.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig
 from job.preemption import StopSignal
 from tests.conftest import run_job
@@ -224,14 +224,26 @@ def test_empty_file_is_the_defaults(tmp_path):
                                 "got list \"['train', 'epochs']\""),
     (["--config", "latin1.yaml"], "error: config file latin1.yaml is not UTF-8 text (byte 3): is it the YAML file?"),
 ])
-def test_cli_prints_one_line_and_exits_non_zero(tmp_path, args, message):
+def test_cli_prints_one_line_and_exits_non_zero(tmp_path, monkeypatch, capsys, args, message):
+    """job.train's main() in this process: a config mistake returns before anything is imported, started or
+    written (the test below shows the same through a real process)."""
     (tmp_path / "false.yaml").write_text("false\n")  # once meant "all defaults": a 200-epoch run
     (tmp_path / "list.yaml").write_text("- train\n- epochs\n")
     (tmp_path / "latin1.yaml").write_bytes("# réglages\ntrain:\n  epochs: 3\n".encode("latin-1"))
-    result = run_job([*args, f"train.out_dir={tmp_path / 'out'}"], cwd=tmp_path)
-    assert result.returncode == 2
-    assert result.stderr.strip() == message
+    monkeypatch.chdir(tmp_path)
+    main = train.main.__wrapped__  # without @record, which would set up torchrun's fault handler on pytest's capture
+    assert main([*args, f"train.out_dir={tmp_path / 'out'}"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == message and not captured.out
     assert not (tmp_path / "out").exists()  # failed before any work
+
+
+def test_a_config_mistake_ends_the_process_with_one_line_and_exit_2(tmp_path):
+    result = run_job(["--config", "missing.yaml", "train.epochz=1", f"train.out_dir={tmp_path / 'out'}"],
+                     cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == "error: config file not found: missing.yaml\n"
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_tilde_in_a_path_means_the_home_directory():

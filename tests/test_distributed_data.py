@@ -1,7 +1,5 @@
 """Sharding follows DistributedSampler; evaluation scores every image exactly once at any world size."""
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -76,7 +74,7 @@ def fixed_set(n: int = 10000):
 
 
 def _worker(rank: int, world: int, store_path: str, results: dict):
-    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)  # three ranks on two cores (torch is imported before this runs: OMP_NUM_THREADS is late)
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
     try:
         images, labels, _ = fixed_set()
@@ -86,6 +84,9 @@ def _worker(rank: int, world: int, store_path: str, results: dict):
         # different per-rank batch counts must not hang: batch_size 1 on a 7-image set
         tiny = evaluate(LabelReader(), images[:7], labels[:7], runtime, batch_size=1)
         results[f"tiny{rank}"] = tiny.count
+        # no rank tears its gloo connections down while a peer is still in the last all-reduce: CI once saw
+        # rank 0 abort ("terminate called without an active exception") in a teardown without this barrier
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

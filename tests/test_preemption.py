@@ -116,13 +116,14 @@ def test_torchrun_restarts_after_repeated_sigkills_and_ends_bit_for_bit(straight
     env = job_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")  # as README, sbatch and manifests set it
     proc = launch(out, "train.checkpoint_every_steps=4", env=env, torchrun=("--max-restarts=3",))
     try:
-        seen = (0, 0)
         for attempt in range(3):
-            wait_until(lambda: last_step(out) > seen, proc=proc, what=f"progress after kill {attempt}")
             victims = []
             wait_until(lambda: victims.extend(restarted_worker(proc, attempt)) or victims, timeout=60, proc=proc,
                        what=f"rank 1 of restart {attempt}")
+            # the earlier attempt's workers are gone, its last checkpoint write included: a newer checkpoint is
+            # this attempt's, which has resumed (a kill before that once left a restart with nothing to resume)
             seen = last_step(out)
+            wait_until(lambda: last_step(out) > seen, proc=proc, what=f"progress of restart {attempt}")
             victims[0].kill()
         stdout, stderr = proc.communicate(timeout=300)
     finally:
