@@ -11,6 +11,7 @@ import hashlib
 import io
 import pickle
 import sys
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 ARCHIVE = "cifar-10-python.tar.gz"
 FOLDER = "cifar-10-batches-py"  # torchvision's CIFAR10.base_folder
 SPLIT_SEED = 0  # the validation split is fixed, independent of train.seed
-SYNTHETIC_TRAIN = 50000  # images in the synthetic source's "training files", as in CIFAR-10's
+SYNTHETIC_TRAIN, SYNTHETIC_TEST = 50000, 10000  # images in the synthetic source's "files", as in CIFAR-10's
 
 
 def _torchvision_cifar10():
@@ -144,20 +145,48 @@ def read_cifar10(root: str) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[to
             _read_batches(root, [n for n, _ in cifar10.test_list]))
 
 
-def synthetic(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A learnable stand-in: each class is a smooth colour pattern, each image that pattern plus noise.
+_M32 = 0xFFFFFFFF
+_NOISE_CELLS = 3 * 16 * 16  # one noise value per channel and 2x2 grain cell
+_CHUNK = 4096  # images generated at once: bounded memory for any n
 
-    Deterministic in (n, seed); the patterns are the same for every seed, so train and test agree.
-    Integer arithmetic and 2x2 noise grain keep 50,000 images near a second on one core.
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash of int64 values in [0, 2**32) (xorshift-multiply rounds; multipliers below 2**31
+    keep every int64 product exact)."""
+    for m in (0x7FEB352D, 0x5BD1E995):
+        x = ((x ^ (x >> 16)) * m) & _M32
+    return x ^ (x >> 16)
+
+
+def synthetic_at(indices: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and labels number `indices` of the synthetic set of this seed: a learnable stand-in where each class
+    is a smooth colour pattern and each image that pattern plus noise in 2x2 grains.
+
+    Counter-based: image i is a hash of (seed, i) alone, the same whichever others are asked for, so a run makes
+    only the images its splits take (a few hundred of a test run's "50,000" cost nothing). The patterns are the
+    same for every seed, so train and test agree.
     """
     patterns = torch.rand(10, 3, 4, 4, generator=torch.Generator().manual_seed(20170709))
     patterns = F.interpolate(patterns, size=(32, 32), mode="bilinear", align_corners=False)
     patterns = (51 + 153 * patterns).round().to(torch.int16)
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 10, (n,), generator=g)
-    noise = torch.randint(-40, 41, (n, 3, 16, 1, 16, 1), generator=g, dtype=torch.int16)
-    noise = noise.expand(n, 3, 16, 2, 16, 2).reshape(n, 3, 32, 32)
-    return (patterns[labels] + noise).clamp_(0, 255).to(torch.uint8), labels
+    key = int(_mix32(torch.tensor(seed & _M32)) ^ 0x2545F491)
+    images, labels = [], []
+    for chunk in indices.to(torch.int64).split(_CHUNK):
+        counters = chunk[:, None] * (_NOISE_CELLS + 1) + torch.arange(_NOISE_CELLS + 1)  # slot 0: the label
+        draws = _mix32((counters & _M32) ^ key)
+        y = draws[:, 0] % 10
+        noise = (draws[:, 1:] % 81 - 40).to(torch.int16).view(-1, 3, 16, 1, 16, 1)
+        noise = noise.expand(-1, 3, 16, 2, 16, 2).reshape(-1, 3, 32, 32)
+        images.append((patterns[y] + noise).clamp_(0, 255).to(torch.uint8))
+        labels.append(y)
+    if not images:
+        return torch.empty(0, 3, 32, 32, dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
+    return torch.cat(images), torch.cat(labels)
+
+
+def synthetic(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n images and labels of the synthetic set of this seed (see synthetic_at)."""
+    return synthetic_at(torch.arange(n), seed)
 
 
 def _prepare_cifar10(cfg: DataConfig, runtime: Runtime) -> None:
@@ -173,22 +202,29 @@ def _prepare_cifar10(cfg: DataConfig, runtime: Runtime) -> None:
     check(cfg.root, cfg.verify)
 
 
-def _source(cfg: DataConfig, runtime: Runtime):
-    """((train images, labels), (test images, labels)) on the CPU, from data.source."""
+@dataclass
+class _Files:
+    """A source's training or test files: how many images they hold, and (images, labels) for given indices."""
+
+    n: int
+    take: typing.Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _source(cfg: DataConfig, runtime: Runtime) -> tuple[_Files, _Files]:
+    """(training files, test files) on the CPU, from data.source; synthetic images are made when taken."""
     if cfg.source == "synthetic":
-        return synthetic(SYNTHETIC_TRAIN, seed=1), synthetic(10000, seed=2)
+        return (_Files(SYNTHETIC_TRAIN, functools.partial(synthetic_at, seed=1)),
+                _Files(SYNTHETIC_TEST, functools.partial(synthetic_at, seed=2)))
     _prepare_cifar10(cfg, runtime)
-    return read_cifar10(cfg.root)
+    return tuple(_Files(len(y), lambda idx, x=x, y=y: (x[idx], y[idx])) for x, y in read_cifar10(cfg.root))
 
 
 def load_splits(cfg: DataConfig, runtime: Runtime) -> Splits:
     """Train / validation / test splits on the device, following data.* (val split first, then subsets)."""
-    (x, y), (test_x, test_y) = _source(cfg, runtime)
-    val_idx, train_idx = split(len(y), cfg)
-    test_idx = _subset(len(test_y), cfg.test_subset)
-    d = runtime.device
-    return Splits(x[train_idx].to(d), y[train_idx].to(d), x[val_idx].to(d), y[val_idx].to(d),
-                  test_x[test_idx].to(d), test_y[test_idx].to(d))
+    train, test = _source(cfg, runtime)
+    val_idx, train_idx = split(train.n, cfg)
+    parts = (*train.take(train_idx), *train.take(val_idx), *test.take(_subset(test.n, cfg.test_subset)))
+    return Splits(*(t.to(runtime.device) for t in parts))
 
 
 def split(n: int, cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,9 +243,9 @@ def _subset(n: int, size: int | None) -> torch.Tensor:
 
 def load_test(cfg: DataConfig, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
     """The test split alone (data.test_subset applies), on the device."""
-    _, (x, y) = _source(cfg, runtime)
-    idx = _subset(len(y), cfg.test_subset)
-    return x[idx].to(runtime.device), y[idx].to(runtime.device)
+    _, test = _source(cfg, runtime)
+    x, y = test.take(_subset(test.n, cfg.test_subset))
+    return x.to(runtime.device), y.to(runtime.device)
 
 
 def epoch_indices(n: int, seed: int, epoch: int, rank: int, world_size: int) -> torch.Tensor:
