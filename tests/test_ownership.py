@@ -8,6 +8,7 @@ import psutil
 import pytest
 import yaml
 
+from job import config, outdir
 from tests.conftest import TINY, kill_tree, read_metrics, run_job, start_job, wait_until
 
 LONG = [*TINY, "train.epochs=40"]
@@ -76,12 +77,19 @@ def test_a_finished_out_dir_exits_0_and_touches_nothing(tmp_path):
     assert again.returncode == 0 and again.stderr == ""
     assert again.stdout.startswith(f"already finished: {out} (test_acc ") and again.stdout.count("\n") == 1
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".owner"} == before
-    for extra, what in [("train.epochs=3", "train.epochs 1 -> 3"), ("train.lr=0.3", "train.lr 0.05 -> 0.3"),
-                        ("train.tta=none", "train.tta flip -> none")]:  # a relaunch would claim what it did not do
-        other = run_job([*args, extra], timeout=120)
-        assert other.returncode == 1 and other.stderr.strip() == (
-            f"error: train.out_dir {out} holds a run finished with other settings ({what}); to train on from it "
-            f"use a new out_dir with train.resume={out}/checkpoints/last.pt")
+    # a relaunch with other settings would claim what it did not do: refused, through a process once, then the
+    # same check (outdir.finished_line) in this one for other kinds of change
+    refusal = ("train.out_dir {out} holds a run finished with other settings ({what}); to train on from it use a new "
+               "out_dir with train.resume={out}/checkpoints/last.pt")
+    other = run_job([*args, "train.epochs=3"], timeout=120)
+    assert other.returncode == 1
+    assert other.stderr.strip() == "error: " + refusal.format(out=out, what="train.epochs 1 -> 3")
+    for extra, what in [("train.lr=0.3", "train.lr 0.05 -> 0.3"), ("train.tta=none", "train.tta flip -> none"),
+                        (f"train.resume={out}/checkpoints/last.pt", f"train.resume={out}/checkpoints/last.pt")]:
+        with pytest.raises(outdir.OutDirError) as info:
+            outdir.finished_line(config.load(overrides=[*args, extra]))
+        assert str(info.value) == refusal.format(out=out, what=what)
+    assert outdir.finished_line(config.load(overrides=args)).startswith(f"already finished: {out} (test_acc ")
 
 
 def test_a_new_out_dir_that_began_from_another_runs_checkpoint_goes_on_from_its_own(tmp_path):
