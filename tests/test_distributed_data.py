@@ -139,3 +139,9 @@ def test_synthetic_source_is_deterministic_and_balanced():
     assert x1.dtype == torch.uint8 and x1.shape == (2000, 3, 32, 32)
     assert torch.bincount(y1, minlength=10).min() > 150
     assert not torch.equal(data.synthetic(2000, seed=2)[0], x1)
+    x5, y5 = data.synthetic(5000, seed=1)  # made in chunks of 4096
+    assert torch.equal(x5[:2000], x1) and torch.equal(y5[:2000], y1)
+    picked = torch.tensor([4999, 3, 4096, 4095, 3])  # any order, repeats: image i depends on (seed, i) alone
+    x3, y3 = data.synthetic_at(picked, seed=1)
+    assert torch.equal(x3, x5[picked]) and torch.equal(y3, y5[picked])
+    assert data.synthetic_at(torch.tensor([], dtype=torch.int64), seed=1)[0].shape == (0, 3, 32, 32)
