@@ -2,7 +2,7 @@
 torchvision-style dataset of PIL images, torchvision transforms through a DataLoader, fp32 eager NCHW, a plain
 SGD step.
 
-Only the pixels (job.data.synthetic, so that no download is needed) and the step clock (job.clock) come from
+Only the pixels (job.synthetic, so that no download is needed) and the step clock (job.clock) come from
 the project; not its model, data path or step.
 """
 
@@ -18,7 +18,7 @@ from torchvision import transforms
 from bench.common import summarize
 from bench.seed import SENet
 from job.clock import StepClock
-from job.data import synthetic
+from job.synthetic import first as synthetic
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)

@@ -11,7 +11,7 @@ import time
 import torch
 
 from bench.common import Mode, summarize
-from job import data
+from job import data, synthetic
 from job.clock import StepClock
 from job.config import TrainConfig
 from job.host import keep_freed_memory
@@ -38,7 +38,7 @@ def bare_step(*, mode: str, batch: int, steps: int, warmup: int, device: str, wi
     cfg = TrainConfig(batch_size=batch)
     torch.manual_seed(cfg.seed)
     model = senet18(width=width).to(device)
-    images, labels = data.synthetic(batch, seed=1)
+    images, labels = synthetic.first(batch, seed=1)
     x = data.normalize(images.to(device), mode.channels_last)
     y = labels.to(device)
     if mode.channels_last:
@@ -62,7 +62,7 @@ def augment(*, batch: int, steps: int, warmup: int, device: str, malloc_cache: b
     (index a shard of the epoch's order, a Generator per step, gather, augment, normalise)."""
     device = torch.device(device)
     malloc_cache = keep_freed_memory() if malloc_cache else None
-    images, _ = data.synthetic(batch * 4, seed=1)
+    images, _ = synthetic.first(batch * 4, seed=1)
     images = images.to(device)
     g = torch.Generator(device).manual_seed(0)
     clock = StepClock(device)

@@ -1,4 +1,4 @@
-"""CIFAR-10 (or a synthetic stand-in) held as uint8 tensors on the device, sharded and augmented per batch.
+"""CIFAR-10 (or job/synthetic.py's stand-in) as uint8 tensors on the device, sharded and augmented per batch.
 
 Also a command line to pre-stage the data on a machine with internet:
     python -m job.data download --root DIR
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data.distributed import DistributedSampler
 
-from job import cli
+from job import cli, synthetic
 from job.config import DataConfig
 from job.distributed import Runtime, all_agree
 
@@ -29,7 +29,6 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 ARCHIVE = "cifar-10-python.tar.gz"
 FOLDER = "cifar-10-batches-py"  # torchvision's CIFAR10.base_folder
 SPLIT_SEED = 0  # the validation split is fixed, independent of train.seed
-SYNTHETIC_TRAIN, SYNTHETIC_TEST = 50000, 10000  # images in the synthetic source's "files", as in CIFAR-10's
 
 
 def _torchvision_cifar10():
@@ -145,48 +144,6 @@ def read_cifar10(root: str) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[to
             _read_batches(root, [n for n, _ in cifar10.test_list]))
 
 
-_M32 = 0xFFFFFFFF
-_NOISE_CELLS = 3 * 16 * 16  # one noise value per channel and 2x2 grain cell
-_CHUNK = 4096  # images generated at once: bounded memory for any n
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash of int64 values in [0, 2**32) (xorshift-multiply rounds; multipliers below 2**31
-    keep every int64 product exact)."""
-    for m in (0x7FEB352D, 0x5BD1E995):
-        x = ((x ^ (x >> 16)) * m) & _M32
-    return x ^ (x >> 16)
-
-
-def synthetic_at(indices: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images and labels number `indices` of the synthetic set of this seed: a learnable stand-in where each class
-    is a smooth colour pattern and each image that pattern plus noise in 2x2 grains.
-
-    Counter-based: image i is a hash of (seed, i) alone, the same whichever others are asked for, so a run makes
-    only the images its splits take (a few hundred of a test run's "50,000" cost nothing). The patterns are the
-    same for every seed, so train and test agree.
-    """
-    patterns = torch.rand(10, 3, 4, 4, generator=torch.Generator().manual_seed(20170709))
-    patterns = F.interpolate(patterns, size=(32, 32), mode="bilinear", align_corners=False)
-    patterns = (51 + 153 * patterns).round().to(torch.int16)
-    key = int(_mix32(torch.tensor(seed & _M32)) ^ 0x2545F491)
-    images, labels = [], []
-    for chunk in indices.to(torch.int64).split(_CHUNK):
-        counters = chunk[:, None] * (_NOISE_CELLS + 1) + torch.arange(_NOISE_CELLS + 1)  # slot 0: the label
-        draws = _mix32((counters & _M32) ^ key)
-        y = draws[:, 0] % 10
-        noise = (draws[:, 1:] % 81 - 40).to(torch.int16).view(-1, 3, 16, 1, 16, 1)
-        noise = noise.expand(-1, 3, 16, 2, 16, 2).reshape(-1, 3, 32, 32)
-        images.append((patterns[y] + noise).clamp_(0, 255).to(torch.uint8))
-        labels.append(y)
-    return torch.cat(images), torch.cat(labels)  # split() gives one empty chunk for no indices
-
-
-def synthetic(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first n images and labels of the synthetic set of this seed (see synthetic_at)."""
-    return synthetic_at(torch.arange(n), seed)
-
-
 def _prepare_cifar10(cfg: DataConfig, runtime: Runtime) -> None:
     """Local rank 0 of each node downloads (if asked) while the others wait; then every rank checks."""
     error = None
@@ -211,8 +168,8 @@ class _Files:
 def _source(cfg: DataConfig, runtime: Runtime) -> tuple[_Files, _Files]:
     """(training files, test files) on the CPU, from data.source; synthetic images are made when taken."""
     if cfg.source == "synthetic":
-        return (_Files(SYNTHETIC_TRAIN, functools.partial(synthetic_at, seed=1)),
-                _Files(SYNTHETIC_TEST, functools.partial(synthetic_at, seed=2)))
+        return (_Files(synthetic.TRAIN_SIZE, functools.partial(synthetic.make, seed=1)),
+                _Files(synthetic.TEST_SIZE, functools.partial(synthetic.make, seed=2)))
     _prepare_cifar10(cfg, runtime)
     return tuple(_Files(len(y), lambda idx, x=x, y=y: (x[idx], y[idx])) for x, y in read_cifar10(cfg.root))
 

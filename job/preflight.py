@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from job import cli, config, data, distributed
+from job import cli, config, data, distributed, synthetic
 from job.config import ConfigError
 from job.distributed import Runtime
 
@@ -88,7 +88,7 @@ def check_start(cfg: config.Config, runtime: Runtime) -> str:
 
 def _training_images(cfg: config.Config) -> int:
     """How many images the training split will hold (the files are read, as job.train will)."""
-    total = data.SYNTHETIC_TRAIN if cfg.data.source == "synthetic" else len(data.read_cifar10(cfg.data.root)[0][1])
+    total = synthetic.TRAIN_SIZE if cfg.data.source == "synthetic" else len(data.read_cifar10(cfg.data.root)[0][1])
     return len(data.split(total, cfg.data)[1])
 
 

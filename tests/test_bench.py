@@ -26,7 +26,7 @@ def test_baseline_trains_the_seeds_classes_and_the_bare_step_is_the_jobs():
     assert baseline.SENet is seed.SENet  # bench/seed.py, checked against the notebook in tests/test_model.py
     imported = {node.module for node in ast.walk(ast.parse(Path(baseline.__file__).read_text()))
                 if isinstance(node, ast.ImportFrom)}
-    assert {m for m in imported if m.startswith(("job", "senet"))} == {"job.clock", "job.data"}  # no model or step
+    assert {m for m in imported if m.startswith(("job", "senet"))} == {"job.clock", "job.synthetic"}  # no model or step
     assert steps.train_step is loop.train_step and steps.AUTOCAST is loop.AUTOCAST
 
 

@@ -7,7 +7,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data.distributed import DistributedSampler
 
-from job import data
+from job import data, synthetic
 from job.distributed import Runtime
 from job.evaluate import evaluate
 
@@ -133,15 +133,15 @@ def test_augment_crops_flips_and_keeps_dtype():
 
 
 def test_synthetic_source_is_deterministic_and_balanced():
-    x1, y1 = data.synthetic(2000, seed=1)
-    x2, y2 = data.synthetic(2000, seed=1)
+    x1, y1 = synthetic.first(2000, seed=1)
+    x2, y2 = synthetic.first(2000, seed=1)
     assert torch.equal(x1, x2) and torch.equal(y1, y2)
     assert x1.dtype == torch.uint8 and x1.shape == (2000, 3, 32, 32)
     assert torch.bincount(y1, minlength=10).min() > 150
-    assert not torch.equal(data.synthetic(2000, seed=2)[0], x1)
-    x5, y5 = data.synthetic(5000, seed=1)  # made in chunks of 4096
+    assert not torch.equal(synthetic.first(2000, seed=2)[0], x1)
+    x5, y5 = synthetic.first(5000, seed=1)  # made in chunks of 4096
     assert torch.equal(x5[:2000], x1) and torch.equal(y5[:2000], y1)
     picked = torch.tensor([4999, 3, 4096, 4095, 3])  # any order, repeats: image i depends on (seed, i) alone
-    x3, y3 = data.synthetic_at(picked, seed=1)
+    x3, y3 = synthetic.make(picked, seed=1)
     assert torch.equal(x3, x5[picked]) and torch.equal(y3, y5[picked])
-    assert data.synthetic_at(torch.tensor([], dtype=torch.int64), seed=1)[0].shape == (0, 3, 32, 32)
+    assert synthetic.make(torch.tensor([], dtype=torch.int64), seed=1)[0].shape == (0, 3, 32, 32)

@@ -219,7 +219,8 @@ def test_a_registry_name_mlflow_would_refuse_is_refused_before_training(tmp_path
 def test_registered_champion_predicts_like_the_checkpoint(mlflow_server, two_ranks):
     import mlflow
 
-    from job.data import normalize, synthetic
+    from job.data import normalize
+    from job.synthetic import first as synthetic
     from senet import FlipAverage, senet18
 
     out, _ = two_ranks

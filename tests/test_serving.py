@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from job import predict
-from job.data import CLASSES, synthetic
+from job.data import CLASSES
+from job.synthetic import first as synthetic
 from job.registry import EXPORTED
 from tests.conftest import ROOT, TRACKED, free_port, job_env, kill_tree, run_job, wait_until
 
