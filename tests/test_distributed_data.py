@@ -1,5 +1,7 @@
 """Sharding follows DistributedSampler; evaluation scores every image exactly once at any world size."""
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -84,11 +86,12 @@ def _worker(rank: int, world: int, store_path: str, results: dict):
         # different per-rank batch counts must not hang: batch_size 1 on a 7-image set
         tiny = evaluate(LabelReader(), images[:7], labels[:7], runtime, batch_size=1)
         results[f"tiny{rank}"] = tiny.count
-        # no rank tears its gloo connections down while a peer is still in the last all-reduce: CI once saw
-        # rank 0 abort ("terminate called without an active exception") in a teardown without this barrier
-        dist.barrier()
     finally:
         dist.destroy_process_group()
+    # A process that ran gloo collectives here sometimes aborts in the interpreter's own exit, after
+    # destroy_process_group returned ("terminate called without an active exception": 2 of ~220 runs of this
+    # worker, every rank's marker past the destroy; once in CI). The results are in: leave without that teardown.
+    os._exit(0)
 
 
 @pytest.mark.parametrize("world", [3])
