@@ -18,7 +18,9 @@ tensor bytes, no pickled code, loadable with `torch.export.load(path).module()` 
 and where MLflow is not installed.
 """
 
+import random
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -104,8 +106,7 @@ def log_and_register(mlflow, weights: dict, example: torch.Tensor, *, cfg: Confi
         if version.aliases:
             return line
         # registered, then stopped before the gate: the gate now
-        return line + "; " + promote(client, name, version.version, val_acc, cfg.mlflow.promote_margin,
-                                     tags["data_fingerprint"], aliases(cfg, tags["data_fingerprint"]))
+        return line + "; " + gate(client, name, version.version, val_acc, cfg, tags["data_fingerprint"])
     wrapped = servable(weights, cfg.to_dict()["model"], cfg.train.tta)
     example = example[:4].cpu()
     with torch.no_grad():
@@ -127,10 +128,28 @@ def log_and_register(mlflow, weights: dict, example: torch.Tensor, *, cfg: Confi
         f"recipe {tags['config_hash']}): val_acc {version_tags['val_acc'] or '-'}, test_acc {test_acc:.4f}; "
         f"run {run_id}. Input uint8 (N, 3, 32, 32) RGB, output logits (N, 10)"
         + (f"; the same as a torch.export program, free of pickle, at {EXPORTED}." if cfg.mlflow.export_pt2 else ".")))
-    line = promote(client, name, version, val_acc, cfg.mlflow.promote_margin, tags["data_fingerprint"],
-                   aliases(cfg, tags["data_fingerprint"]))
+    line = gate(client, name, version, val_acc, cfg, tags["data_fingerprint"])
     reason = not_production(cfg.data)
     return line + (f" (under {name}, not {cfg.mlflow.registered_model}: {reason})" if reason else "")
+
+
+GATE_TRIES = 3
+
+
+def gate(client, name: str, version: str, val_acc: float | None, cfg: Config, fingerprint: str,
+         pause_s: float = 0.5) -> str:
+    """promote() with this run's margin and aliases, tried again if it fails: jobs that register under one name
+    at once (a Slurm array) race on the alias, and MLflow refuses the second write (sqlite: "UNIQUE constraint
+    failed: registered_model_aliases"). Each try reads the champion again, so the retry compares with the winner."""
+    def once() -> str:
+        return promote(client, name, version, val_acc, cfg.mlflow.promote_margin, fingerprint, aliases(cfg, fingerprint))
+
+    for _ in range(GATE_TRIES - 1):
+        try:
+            return once()
+        except Exception:
+            time.sleep(pause_s * (1 + random.random()))  # apart from the other job's retry
+    return once()
 
 
 def aliases(cfg: Config, fingerprint: str) -> tuple[str, str]:

@@ -325,6 +325,8 @@ class Tracker:
             return
         if self.pending:  # a bounded wait for a finished run; one try for a stopped or failed one
             self._flush() if status == "FINISHED" else self._send(now=True)
+        if status == "FINISHED" and self.lost:  # a FINISHED run is final, and the next launch would start another:
+            status = "FAILED"  # this one stays open to it, which ends it again (the registered model, say)
         try:
             with _environ(QUICK):
                 self.mlflow.end_run(status=status)

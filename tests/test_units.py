@@ -14,7 +14,7 @@ from job.config import Config, TrainConfig
 from job.distributed import Runtime
 from job.loop import Parts, TrainState
 from job.optim import build_optimizer, build_scheduler, lr_factor, peak_lr
-from job.registry import promote
+from job.registry import GATE_TRIES, gate, promote
 from job.tracking import Tracker
 from senet import senet18
 from tests.conftest import ROOT
@@ -253,6 +253,31 @@ def test_without_validation_a_version_is_never_promoted():
     assert registry.aliases == {"champion": "1", "challenger": "2"}
 
 
+class RacedRegistry(Registry):
+    """Another job sets @champion between this gate's read and its write, and MLflow refuses this write."""
+
+    def __init__(self, versions: dict[str, float], raced: int):
+        super().__init__(versions)
+        self.raced = raced
+
+    def set_registered_model_alias(self, name, alias, version):
+        if self.raced:
+            self.raced -= 1
+            self.aliases["champion"] = "3"  # the other job's version, set first
+            raise RuntimeError("BAD_REQUEST: (sqlite3.IntegrityError) UNIQUE constraint failed: registered_model_aliases")
+        super().set_registered_model_alias(name, alias, version)
+
+
+def test_the_gate_tries_again_after_another_job_set_the_alias_and_compares_with_it():
+    registry = RacedRegistry({"2": 0.9, "3": 0.95}, raced=1)
+    line = gate(registry, "m", "2", 0.9, Config(), "data-a", pause_s=0)
+    assert registry.aliases == {"champion": "3", "challenger": "2"}  # the winner stays: it is better
+    assert "is @challenger" in line and "version 3's 0.9500" in line
+    always = RacedRegistry({"2": 0.9, "3": 0.95}, raced=GATE_TRIES)
+    with pytest.raises(RuntimeError, match="UNIQUE constraint failed"):
+        gate(always, "m", "2", 0.9, Config(), "data-a", pause_s=0)
+
+
 @pytest.mark.parametrize("champion_fingerprint", ["data-b", None])
 def test_a_version_on_other_data_never_displaces_the_champion(champion_fingerprint):
     """A perfect score on other data (or against a champion from before fingerprints) is not comparable."""
@@ -421,6 +446,27 @@ def test_a_run_lands_in_its_experiment_when_another_job_created_it_at_the_same_m
         mlflow.end_run()
     assert len(calls) >= 2  # the race was taken
     assert run.info.experiment_id == mlflow.MlflowClient(tracking_uri=store).get_experiment_by_name("raced").experiment_id
+
+
+def test_a_run_that_lost_its_registered_model_is_left_open_for_the_next_launch(tmp_path):
+    """A FINISHED run is final (a relaunch would start another run); a finished job that could not log
+    everything marks its run FAILED, and the relaunch that ends the job again reopens that same run."""
+    import mlflow
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = Config()
+    cfg.train.out_dir, cfg.mlflow.tracking_uri, cfg.mlflow.experiment = str(tmp_path), store, "lost"
+    first = Tracker(cfg, CPU)
+    first._open_mlflow([], None)
+    first.lost.append("the registered model")
+    first.close("FINISHED")
+    client = mlflow.MlflowClient(tracking_uri=store)
+    assert client.get_run(first.run_id).info.status == "FAILED"
+    again = Tracker(cfg, CPU)
+    again._open_mlflow([], first.run_id)
+    again.close("FINISHED")
+    assert again.run_id == first.run_id and client.get_run(first.run_id).info.status == "FINISHED"
+    assert len(client.search_runs([client.get_experiment_by_name("lost").experiment_id])) == 1
 
 
 # ---- provenance ----------------------------------------------------------------------------------------------
