@@ -2,6 +2,8 @@
 for runs without the files. Each class is a smooth colour pattern, each image that pattern plus noise in 2x2
 grains."""
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -20,6 +22,14 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+@functools.cache
+def _patterns() -> torch.Tensor:
+    """Each class's smooth colour pattern (10, 3, 32, 32) int16: made once, taken by every make() call."""
+    patterns = torch.rand(10, 3, 4, 4, generator=torch.Generator().manual_seed(20170709))
+    patterns = F.interpolate(patterns, size=(32, 32), mode="bilinear", align_corners=False)
+    return (51 + 153 * patterns).round().to(torch.int16)
+
+
 def make(indices: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (N, 3, 32, 32) uint8 and labels (N,) int64 number `indices` of the set of this seed.
 
@@ -27,9 +37,7 @@ def make(indices: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     only the images its splits take (a few hundred of a test run's "50,000" cost nothing). The patterns are the
     same for every seed, so train and test agree.
     """
-    patterns = torch.rand(10, 3, 4, 4, generator=torch.Generator().manual_seed(20170709))
-    patterns = F.interpolate(patterns, size=(32, 32), mode="bilinear", align_corners=False)
-    patterns = (51 + 153 * patterns).round().to(torch.int16)
+    patterns = _patterns()
     key = int(_mix32(torch.tensor(seed & _M32)) ^ 0x2545F491)
     images, labels = [], []
     for chunk in indices.to(torch.int64).split(_CHUNK):
