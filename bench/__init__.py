@@ -6,4 +6,5 @@
 (c) steps.py     the bare model step: job.loop.train_step on the project's model; (d) the augmentation alone
     worker.py    runs one of (a), (c), (d) in a process of its own; child.py starts and watches children
     common.py    modes, step-time summaries, peak memory, machine facts; report.py ratios, targets, the table
+gpu_check.py     the one command for a GPU at hand; gpu_parts.py its parts, each in a process under its own limit
 """

@@ -21,7 +21,8 @@ from bench.common import MODE_TOKENS, Mode, machine, now
 DEFAULT_MODES = {
     "cpu": "eager,channels_last,bf16,compile,compile+channels_last,compile+channels_last+fused,"
            "compile+channels_last+malloc_cache",
-    "cuda": "eager,channels_last,bf16+channels_last,compile+bf16+channels_last,compile+bf16+channels_last+fused",
+    "cuda": "eager,channels_last,bf16+channels_last,compile+bf16+channels_last,compile+bf16+channels_last+fused,"
+            "compile:reduce-overhead+bf16+channels_last",  # CUDA graphs (bare step only)
 }
 QUICK_MODES = "eager"
 SIZES = {  # batch 512 and width 64 are the job's defaults; quick is for checking the harness, not for reading

@@ -1,9 +1,10 @@
 """Running one measurement as a child process: its environment, its peak RSS (wait4), a timed marker file."""
 
 import os
+import signal
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import ROOT
@@ -29,6 +30,8 @@ class Child:
     peak_rss_mib: float
     watch_s: float | None
     log: str
+    killed: list[dict] = field(default_factory=list)
+    """The processes killed when it overran (kill_tree's record); [] when it ended by itself."""
 
 
 def run_child(cmd: list[str], env: dict, log_path: Path, timeout_s: float, watch: Path | None = None) -> Child:
@@ -38,7 +41,7 @@ def run_child(cmd: list[str], env: dict, log_path: Path, timeout_s: float, watch
         tic = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        watch_s, timed_out = None, False
+        watch_s, timed_out, killed = None, False, []
         try:
             while True:
                 elapsed = time.perf_counter() - tic
@@ -49,7 +52,7 @@ def run_child(cmd: list[str], env: dict, log_path: Path, timeout_s: float, watch
                     break
                 if elapsed > timeout_s:
                     timed_out = True
-                    kill_tree(proc.pid, wait=False)
+                    killed = kill_tree(proc.pid, wait=False)
                     _, status, usage = os.wait4(proc.pid, 0)
                     break
                 time.sleep(0.01)
@@ -59,19 +62,34 @@ def run_child(cmd: list[str], env: dict, log_path: Path, timeout_s: float, watch
             raise
         wall_s = time.perf_counter() - tic
     proc.returncode = 124 if timed_out else os.waitstatus_to_exitcode(status)
-    return Child(proc.returncode, wall_s, usage.ru_maxrss / 1024, watch_s, log_path.read_text(errors="replace"))
+    return Child(proc.returncode, wall_s, usage.ru_maxrss / 1024, watch_s, log_path.read_text(errors="replace"),
+                 killed)
 
 
-def kill_tree(pid: int, wait: bool = True) -> None:
-    """SIGKILL a process and every descendant (torchrun's workers live in their own process groups); wait for
-    them to go, unless the caller reaps pid itself (wait=False)."""
+def kill_tree(pid: int, wait: bool = True) -> list[dict]:
+    """SIGKILL a process, every descendant (torchrun's workers, bench workers and pytest's jobs start sessions of
+    their own) and every process group among them (a member orphaned before the walk goes too, unless it is the
+    caller's own group); wait for them to go, unless the caller reaps pid itself (wait=False). Returns what it
+    found: pid, process group, session and command line of each."""
     import psutil
 
     try:
         parent = psutil.Process(pid)
         procs = [parent, *parent.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return
+        return []
+    found = []
+    for p in procs:
+        try:
+            found.append({"pid": p.pid, "pgid": os.getpgid(p.pid), "sid": os.getsid(p.pid),
+                          "cmd": " ".join(p.cmdline())[:160]})
+        except (psutil.Error, ProcessLookupError):  # gone already, or a zombie
+            pass
+    for pgid in {f["pgid"] for f in found} - {os.getpgrp()}:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     for p in procs:
         try:
             p.kill()
@@ -79,3 +97,4 @@ def kill_tree(pid: int, wait: bool = True) -> None:
             pass
     if wait:
         psutil.wait_procs(procs, timeout=30)
+    return found

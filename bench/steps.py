@@ -2,8 +2,8 @@
 
 The bare step is what job.train's step costs without the framework around it: job.loop.train_step itself
 (forward under autocast, label-smoothed loss, backward, optimizer step) with the same model, optimizer
-(job.optim's groups, Nesterov), precision, memory format and compilation, on one batch that is already
-augmented, normalised and on the device.
+(job.optim's groups, Nesterov), precision, memory format, compilation (static shapes) and process settings
+(job.host.tune: cuDNN's autotuner), on one batch that is already augmented, normalised and on the device.
 """
 
 import time
@@ -14,7 +14,8 @@ from bench.common import Mode, summarize
 from job import data, synthetic
 from job.clock import StepClock
 from job.config import TrainConfig
-from job.host import keep_freed_memory
+from job.distributed import Runtime
+from job.host import keep_freed_memory, tune
 from job.loop import AUTOCAST, train_step
 from job.optim import build_optimizer
 from senet import senet18
@@ -35,7 +36,9 @@ def bare_step(*, mode: str, batch: int, steps: int, warmup: int, device: str, wi
     """Images/s of job.loop.train_step on a fixed device-resident batch."""
     mode, device = Mode.parse(mode), torch.device(device)
     malloc_cache = keep_freed_memory() if mode.malloc_cache else None
-    cfg = TrainConfig(batch_size=batch)
+    cfg = TrainConfig(batch_size=batch, reuse_host_memory=False)  # glibc's setting is the malloc_cache token's
+    # job.train's process settings: cuDNN's autotuner on CUDA (every shape is static), intra-op threads
+    tune(cfg, Runtime(0, 0, 1, 1, 1, device, "nccl" if device.type == "cuda" else "gloo"))
     torch.manual_seed(cfg.seed)
     model = senet18(width=width).to(device)
     images, labels = synthetic.first(batch, seed=1)
@@ -45,13 +48,16 @@ def bare_step(*, mode: str, batch: int, steps: int, warmup: int, device: str, wi
         model = model.to(memory_format=torch.channels_last)
     optimizer = optimizer_for(model, cfg, mode.optimizer)
     scaler = torch.amp.GradScaler(device.type, enabled=mode.precision == "fp16")
-    step_model = model if mode.compile is None else torch.compile(
-        model, mode=None if mode.compile == "default" else mode.compile)
+    step_model = model if mode.compile is None else torch.compile(  # static shapes, as job.train compiles
+        model, mode=None if mode.compile == "default" else mode.compile, dynamic=False)
+    cudagraphs = device.type == "cuda" and mode.compile in ("reduce-overhead", "max-autotune")
     dtype = AUTOCAST[mode.precision]
     model.train()
     clock = StepClock(device)
     clock.mark()
     for _ in range(warmup + steps):
+        if cudagraphs:  # a new iteration: the graphs may reuse the last one's outputs, which nothing keeps
+            torch.compiler.cudagraph_mark_step_begin()
         train_step(step_model, optimizer, scaler, x, y, dtype=dtype, label_smoothing=cfg.label_smoothing)
         clock.mark()
     return {**summarize(clock.durations(), warmup, batch), "mode": mode.to_dict(), "malloc_cache_set": malloc_cache}

@@ -1,11 +1,12 @@
 """Stopping on a signal (SIGTERM from Kubernetes or torchrun, SIGUSR1 from Slurm, SIGINT from Ctrl-C) at one
 agreed step.
 
-A signal may reach one rank, some, or all. Each rank's handler only sets a local flag; at every step boundary
-the ranks all-reduce their flags (MAX) over a CPU (gloo) group. The reduction is started without waiting
-(async_op) and its answer read at the next call, so no step waits on the network (a blocking call cost ~0.5 ms
-per step with 2 ranks here); every rank reads the same answer at the same call, so they stop together, one
-step after the signal.
+A signal may reach one rank, some, or all. Each rank's handler only sets a local flag; every
+train.stop_check_every_steps steps (and at each epoch's end) the ranks all-reduce their flags (MAX) over a CPU
+(gloo) group. The reduction is started without waiting (async_op) and its answer read at the next check, so no
+step waits on the network (a blocking call cost ~0.5 ms per step with 2 ranks here; across nodes one reduction
+can take longer than a step, which the checks' spacing hides); every rank reads the same answer at the same
+check, so they stop together, at most two checks after the signal.
 """
 
 import signal
@@ -27,8 +28,9 @@ class Preempted(Exception):
 class StopSignal:
     """Installs the handlers; requested() is a collective that says whether any rank got a signal."""
 
-    def __init__(self, names: list[str], backend: str):
+    def __init__(self, names: list[str], backend: str, every_steps: int = 1):
         self.received: str | None = None
+        self.every_steps = every_steps
         self.pending = None  # (work, flag) of the reduction in flight
         # nccl cannot reduce a CPU tensor: keep a gloo group beside it for this flag
         self.group = dist.new_group(backend="gloo") if backend != "gloo" else None
@@ -38,10 +40,14 @@ class StopSignal:
     def _handle(self, signum, frame) -> None:
         self.received = signal.Signals(signum).name
 
-    def requested(self) -> bool:
+    def requested(self, step: int | None = None) -> bool:
         """True on every rank once any rank has received a stop signal (call on all ranks, in step).
 
-        Answers with the reduction the previous call started (False at the first call) and starts the next."""
+        step: the optimizer steps done in this epoch; the ranks talk only when it is a multiple of every_steps
+        (None: now, as at an epoch's end). A check answers with the reduction the previous check started (False
+        at the first) and starts the next."""
+        if step is not None and step % self.every_steps:
+            return False
         answer = False
         if self.pending is not None:
             work, flag = self.pending

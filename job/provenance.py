@@ -14,7 +14,7 @@ from job.distributed import Runtime
 # train.* settings that say where outputs go or how a launch is chunked or watched, not what is trained
 NOT_RECIPE = ("out_dir", "resume", "stop_after_epochs", "stop_signals", "timeout_s", "checkpoint_every_steps",
               "checkpoint_every_epochs", "deterministic", "step_times", "threads", "log_every_s", "log_every_steps",
-              "profile", "profile_skip", "profile_warmup", "profile_active", "profile_ranks")
+              "profile", "profile_skip", "profile_warmup", "profile_active", "profile_ranks", "stop_check_every_steps")
 
 
 def config_hash(cfg: Config) -> str:

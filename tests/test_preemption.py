@@ -163,3 +163,57 @@ def test_killed_during_a_save_leaves_a_usable_checkpoint(straight, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "at epoch 2 step 0" in resumed.stdout
     assert_same_as(straight[0], out)
+
+
+def _checking_rank(rank: int, every: int, store: str, results: dict) -> None:
+    """Two epochs of 23 steps calling StopSignal.requested after each step (and at the end of each) as the job
+    does; rank 1 signals itself at epoch 1 step 7. Records where each rank stopped and where it all-reduced."""
+    import torch
+    import torch.distributed as dist
+
+    from job.preemption import StopSignal
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    where, reduced, real = [None], [], dist.all_reduce
+
+    def counted(*args, **kwargs):
+        reduced.append(where[0])
+        return real(*args, **kwargs)
+
+    dist.all_reduce = counted  # this process only
+    try:
+        stop, stopped = StopSignal(["SIGUSR1"], "gloo", every), None
+        for epoch in range(2):
+            for step in range(1, 24):
+                if rank == 1 and (epoch, step) == (1, 7):
+                    os.kill(os.getpid(), signal.SIGUSR1)
+                where[0] = (epoch, step)
+                if stop.requested(step):
+                    stopped = where[0]
+                    break
+            if stopped:
+                break
+            where[0] = (epoch, "end")
+            if stop.requested():
+                stopped = where[0]
+                break
+        stop.close()
+        results[rank] = (stopped, reduced)
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)  # as tests/test_distributed_data.py's workers: gloo sometimes aborts in the interpreter's exit
+
+
+def test_ranks_talk_about_stopping_every_k_steps_and_stop_at_one_step(tmp_path):
+    """train.stop_check_every_steps=5 on 2 gloo ranks: an all-reduce at steps 5, 10, 15, 20 and each epoch's end
+    only, and a signal to one rank at epoch 1 step 7 stops both at step 15 (sent at the check of step 10, read at
+    the next)."""
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_checking_rank, args=(5, str(tmp_path / "store"), results), nprocs=2)
+        results = dict(results)
+    checks = [(0, 5), (0, 10), (0, 15), (0, 20), (0, "end"), (1, 5), (1, 10), (1, 15)]
+    assert results[0] == results[1] == ((1, 15), checks)

@@ -164,7 +164,7 @@ def test_an_array_refuses_a_seed_or_out_dir_of_its_own(cluster, tmp_path):
 STUBS = {
     "srun": 'printf "%s\\n" "$*" >> "$SRUN_LOG"; '
             'echo "$TORCH_FR_BUFFER_SIZE $TORCH_NCCL_DUMP_ON_TIMEOUT $TORCH_ELASTIC_SHUTDOWN_TIMEOUT" '
-            '> "$SRUN_LOG.env"',
+            '> "$SRUN_LOG.env"; echo "${GLOO_SOCKET_IFNAME-unset} ${NCCL_SOCKET_IFNAME-unset}" > "$SRUN_LOG.ifname"',
     "scontrol": 'printf "%s\\n" "$*" >> "$SCONTROL_LOG"; case "$*" in "show hostnames"*) echo n1;; '
                 '"show node"*) echo "NodeName=n1 NodeAddr=10.0.0.1";; '
                 '"show job"*) echo "JobState=RUNNING PreemptTime=${STUB_PREEMPT_TIME:-None}";; '
@@ -172,7 +172,7 @@ STUBS = {
     "scancel": 'printf "%s\\n" "$*" >> "$SCONTROL_LOG"',
 }
 # what a CI machine's own environment must not change in the script's behaviour
-FOREIGN = ("SLURM_", "SENET_", "TORCH_", "MASTER_PORT", "NPROC_PER_NODE", "OMP_NUM_THREADS")
+FOREIGN = ("SLURM_", "SENET_", "TORCH_", "MASTER_PORT", "NPROC_PER_NODE", "OMP_NUM_THREADS", "GLOO_", "NCCL_")
 
 
 def run_script(tmp_path, *overrides: str, **env: str):
@@ -214,6 +214,15 @@ def test_without_a_container_srun_runs_torchrun_and_a_cpu_job_keeps_its_device(t
     assert result.returncode == 0, result.stderr
     assert check == "--ntasks-per-node=1 --cpus-per-task=16 --kill-on-bad-exit=1 python -m job.train --check"
     assert "--nproc_per_node=1 " in train and "train.device" not in train
+
+
+def test_the_network_interface_reaches_gloo_and_nccl_only_when_set(tmp_path):
+    assert run_script(tmp_path)[0].returncode == 0
+    assert (tmp_path / "srun.log.ifname").read_text().split() == ["unset", "unset"]  # gloo and NCCL choose
+    assert run_script(tmp_path, SENET_SOCKET_IFNAME="ib0")[0].returncode == 0
+    assert (tmp_path / "srun.log.ifname").read_text().split() == ["ib0", "ib0"]
+    assert run_script(tmp_path, SENET_SOCKET_IFNAME="ib0", NCCL_SOCKET_IFNAME="=ib1")[0].returncode == 0
+    assert (tmp_path / "srun.log.ifname").read_text().split() == ["ib0", "=ib1"]  # one already set wins
 
 
 def test_two_kinds_of_container_at_once_are_refused_before_anything_runs(tmp_path):
