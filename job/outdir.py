@@ -118,6 +118,10 @@ def finished_line(cfg) -> str | None:
         return None
     except (OSError, ValueError) as e:
         raise OutDirError(f"{path} is unreadable ({e}); delete it to run the end of the job again") from None
+    problem = _not_finished_record(done)
+    if problem:
+        raise OutDirError(f"{path} is unreadable (not a finished run's record: {problem}); delete it to run the end "
+                          f"of the job again")
     applies, refused = checkpoint.config_changes(done["config"], cfg)
     if applies or refused or cfg.train.resume_file:
         what = ", ".join(applies + refused) or f"train.resume={cfg.train.resume}"
@@ -127,6 +131,24 @@ def finished_line(cfg) -> str | None:
     run = f", MLflow run {done['mlflow_run_id']}" if done.get("mlflow_run_id") else ""
     return (f"already finished: {cfg.train.out_dir} (test_acc {done['test_acc']:.4f} after {done['epochs']} "
             f"epochs{run}); nothing to do")
+
+
+def _not_finished_record(done: object) -> str | None:
+    """What keeps finished.json's content from being the record mark_finished writes (None: nothing)."""
+    def number(value: object) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    if not isinstance(done, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(done), "a number")
+        return f"{kind}, not an object"
+    if not (isinstance(done.get("config"), dict) and all(isinstance(v, dict) for v in done["config"].values())):
+        return "no config of sections"
+    epochs = done.get("epochs")
+    if not number(done.get("test_acc")) or not (isinstance(epochs, int) and not isinstance(epochs, bool)):
+        return "no numeric test_acc and whole epochs"
+    if not isinstance(done.get("mlflow_run_id"), (str, type(None))):
+        return "an mlflow_run_id that is not a string"
+    return None
 
 
 def mark_finished(out_dir: str, record: dict) -> None:

@@ -6,6 +6,7 @@
 import argparse
 import os
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -13,12 +14,15 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 from torch.export.passes import move_to_device_pass
 
-from job import checkpoint, cli, registry
+from job import checkpoint, cli, exported, registry
 from job.checkpoint import CheckpointError
 from job.data import CLASSES
 
 SIZE = 32  # CIFAR-10's images, what the model was trained on
 BATCH = 256
+# The most pixels a file may declare (~200 MB as RGB): more than any camera's photo. A larger one is refused from its
+# header before a pixel is decoded: a decompression bomb (a few kB of PNG declaring billions) costs nothing.
+MAX_PIXELS = 8192 * 8192
 
 
 def load(source: str, device: torch.device) -> nn.Module:
@@ -31,6 +35,7 @@ def load(source: str, device: torch.device) -> nn.Module:
     if source.endswith(".pt2"):
         if not os.path.isfile(source):
             raise CheckpointError(f"exported model not found: {source}")
+        exported.check(source)  # torch.export.load unpickles, eval()s and exec()s what an archive asks it to
         try:
             program = torch.export.load(source)
         except Exception as e:
@@ -45,8 +50,12 @@ def load(source: str, device: torch.device) -> nn.Module:
 def read_image(path: str) -> torch.Tensor:
     """path's image as uint8 (3, 32, 32) RGB: turned upright by its EXIF orientation, alpha dropped, the whole
     picture resized to 32x32 (aspect ratio not kept) with PIL's bicubic filter, antialiased when shrinking."""
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image).convert("RGB").resize((SIZE, SIZE), Image.Resampling.BICUBIC)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL's own check (frames too) refuses
+        with Image.open(path) as image:
+            if image.width * image.height > MAX_PIXELS:  # the header's size, nothing decoded yet
+                raise Image.DecompressionBombError(f"{image.width}x{image.height} pixels")
+            image = ImageOps.exif_transpose(image).convert("RGB").resize((SIZE, SIZE), Image.Resampling.BICUBIC)
     return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
 
 
@@ -84,6 +93,13 @@ def main(argv: list[str] | None = None) -> int:
             continue
         except OSError as e:  # missing, a directory, no permission, truncated
             cli.error(f"cannot read image {path}: {e.strerror or cli.first_line(e)}")
+            continue
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            cli.error(f"cannot read image {path}: more than the {MAX_PIXELS:,} pixels ({MAX_PIXELS // 2**20} "
+                      f"megapixels) job.predict reads")
+            continue
+        except Exception as e:  # PIL's decoders raise many kinds on a malformed file (ValueError, SyntaxError, ...)
+            cli.error(f"cannot read image {path}: {cli.first_line(e)}")
             continue
         paths.append(path)
     with torch.no_grad():

@@ -96,6 +96,7 @@ def check_mlflow(cfg: config.Config) -> str:
     if not cfg.mlflow.enabled:
         return "mlflow.enabled=false: skipped"
     from job.registry import model_name
+    from job.store import store_lock
     from job.tracking import fail_fast, tracking_uri
 
     fail_fast()
@@ -103,7 +104,8 @@ def check_mlflow(cfg: config.Config) -> str:
 
     uri = tracking_uri(cfg.mlflow.tracking_uri)
     client = mlflow.MlflowClient(tracking_uri=uri)
-    client.search_experiments(max_results=1)
+    with store_lock(uri):  # the first use of a new sqlite store creates it, as job.train's does
+        client.search_experiments(max_results=1)
     experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
     if experiment is not None and experiment.lifecycle_stage == "deleted":
         raise RuntimeError(f"experiment {cfg.mlflow.experiment!r} is deleted: restore it or choose another")

@@ -4,6 +4,7 @@ Everything here is built at import from k8s/, slurm/ and the Dockerfile; a mista
 failing check there, never a collection error.
 """
 
+import base64
 import copy
 import functools
 import http.client
@@ -86,6 +87,7 @@ class Pod:
     nodes: int | None = None  # expected torchrun --nnodes
     nproc: int | None = None  # expected torchrun --nproc_per_node
     rdzv_host: str | None = None  # the node-0 name that the c10d rendezvous must meet at
+    labels: dict = field(default_factory=dict)  # the pod's labels as its template (or runtimePatches) sets them
 
     @property
     def training(self) -> bool:
@@ -196,7 +198,7 @@ def pods() -> list[Pod]:
         kind, where = doc["kind"], doc_id(name, doc)
         if kind in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
             spec = doc["spec"]["template"]["spec"]
-            pod = Pod(where, spec)
+            pod = Pod(where, spec, labels=doc["spec"]["template"].get("metadata", {}).get("labels", {}))
             if kind == "Job" and doc["spec"].get("completionMode") == "Indexed":
                 pod.operator_env = {"JOB_COMPLETION_INDEX": "0"}
                 pod.nodes = doc["spec"]["completions"]
@@ -214,13 +216,17 @@ def pods() -> list[Pod]:
                 env = {"MASTER_ADDR": f"{job}-master-0", "MASTER_PORT": str(port), "WORLD_SIZE": "1",
                        "RANK": "0", "PET_NNODES": str(nodes), "PET_NODE_RANK": "0", "PET_NPROC_PER_NODE": nproc}
                 out.append(Pod(f"{where}[{rtype}]", replica["template"]["spec"], env, nodes,
-                               int(nproc) if nproc.isdigit() else None, f"{job}-master-0"))
+                               int(nproc) if nproc.isdigit() else None, f"{job}-master-0",
+                               replica["template"].get("metadata", {}).get("labels", {})))
         elif kind == "TrainJob":
             job, trainer = doc["metadata"]["name"], doc["spec"]["trainer"]
             env = {"PET_NNODES": str(trainer["numNodes"]), "PET_NPROC_PER_NODE": str(trainer["numProcPerNode"]),
                    "PET_NODE_RANK": "0", "PET_MASTER_ADDR": f"{job}-node-0-0.{job}", "PET_MASTER_PORT": "29400"}
+            labels = {k: v for entry in doc["spec"].get("runtimePatches", [])
+                      for rjob in entry["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+                      for k, v in rjob["template"]["spec"]["template"].get("metadata", {}).get("labels", {}).items()}
             out.append(Pod(where, trainjob_pod(doc), env, trainer["numNodes"], trainer["numProcPerNode"],
-                           f"{job}-node-0-0.{job}"))
+                           f"{job}-node-0-0.{job}", labels))
     return out
 
 
@@ -246,12 +252,18 @@ def container_env(container: dict) -> dict:
     return {e["name"]: e for e in container.get("env", [])}
 
 
-def security_problems(pod: Pod, uid: int) -> list[str]:
-    """What keeps a pod from Pod Security 'restricted' and this project's rules (empty: none)."""
+def security_problems(pod: Pod, uid: int, home: str | None = None) -> list[str]:
+    """What keeps a pod from Pod Security 'restricted' and this project's rules (empty: none): among them a
+    read-only root filesystem with /tmp and the image's HOME (home) on writable volumes, and no API token."""
     spec, problems = pod.spec, []
     psc = spec.get("securityContext", {})
     if (spec.get("terminationGracePeriodSeconds") or 30) < 60:
         problems.append("terminationGracePeriodSeconds < 60")
+    account = find("ServiceAccount", spec.get("serviceAccountName", "default")) or {}
+    if spec.get("automountServiceAccountToken", account.get("automountServiceAccountToken")) is not False:
+        problems.append("the pod gets a Kubernetes API token: automountServiceAccountToken is not false (in the "
+                        "pod, or in a ServiceAccount shipped in k8s/ that it names)")
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
     for key in ("hostNetwork", "hostPID", "hostIPC"):
         if spec.get(key):
             problems.append(f"{key}: true")
@@ -271,13 +283,19 @@ def security_problems(pod: Pod, uid: int) -> list[str]:
             problems.append(f"{name}: privileged")
         if "ALL" not in csc.get("capabilities", {}).get("drop", []) or csc.get("capabilities", {}).get("add"):
             problems.append(f"{name}: capabilities do not drop ALL (or add some)")
+        if csc.get("readOnlyRootFilesystem") is not True:
+            problems.append(f"{name}: readOnlyRootFilesystem is not true")
+        writable = {m["mountPath"] for m in c.get("volumeMounts", []) if not m.get("readOnly")
+                    and {"emptyDir", "persistentVolumeClaim"} & volumes.get(m["name"], {}).keys()}
+        for path in ("/tmp", home):
+            if path and path not in writable:
+                problems.append(f"{name}: {path} is not a writable emptyDir or PVC mount (the root is read-only)")
         for e in c.get("env", []):
             if "value" in e and SECRET_NAME.search(e["name"]):
                 problems.append(f"{name}: env {e['name']} holds a literal value; use a secretKeyRef")
             if "value" in e and config.redact(e["value"]) != e["value"]:
                 problems.append(f"{name}: env {e['name']} holds a URI with a password")
     if pod.training:
-        volumes = {v["name"]: v for v in spec.get("volumes", [])}
         for c in spec["containers"]:
             shm = [m for m in c.get("volumeMounts", []) if m["mountPath"] == "/dev/shm"]
             if not shm or volumes.get(shm[0]["name"], {}).get("emptyDir", {}).get("medium") != "Memory":
@@ -375,10 +393,12 @@ def local_paths(pod: Pod, container: dict, tmp_path: Path) -> dict[str, Path]:
 
 
 def localize(text: str, paths: dict[str, Path]) -> str:
-    """text with each mount path (followed by /, a space or the end) made its local directory."""
-    for mount, local in paths.items():
-        text = re.sub(re.escape(mount) + r"(?=/|$|\s)", str(local), text, flags=re.MULTILINE)
-    return text
+    """text with each mount path (a whole path's start, followed by /, a space or the end) made its local
+    directory, in one pass: a local directory under /tmp is not made local again when /tmp is a mount too."""
+    if not paths:
+        return text
+    mounts = "|".join(re.escape(m) for m in sorted(paths, key=len, reverse=True))
+    return re.sub(rf"(?<![\w.-])({mounts})(?=/|$|\s)", lambda m: str(paths[m.group(1)]), text, flags=re.MULTILINE)
 
 
 PLAUSIBLE = {"SLURM_NNODES": "2", "SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_ON_NODE": "4", "SLURM_NODEID": "0",
@@ -651,6 +671,53 @@ def broken_copy(name: str, path: list, value: Any) -> dict:
     return doc
 
 
+def matches(selector: dict, labels: dict) -> bool:
+    """Whether a label selector (matchLabels, matchExpressions; {} selects every pod) selects these labels."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for e in selector.get("matchExpressions", []):
+        value, present = labels.get(e["key"]), e["key"] in labels
+        ok = {"In": present and value in e.get("values", []), "NotIn": not present or value not in e.get("values", []),
+              "Exists": present, "DoesNotExist": not present}[e["operator"]]
+        if not ok:
+            return False
+    return True
+
+
+def network_policy_problems(policies: list[dict], server: Pod, port: int, clients: list[Pod],
+                            others: list[dict]) -> list[str]:
+    """What lets a pod other than the job's reach the server, or keeps a job's pod from it (empty: nothing):
+    some policy must select the server's pod for Ingress; every rule of those policies admits, on port alone,
+    only pods (no namespaceSelector, no ipBlock, no empty `from`) whose selector matches every client and none
+    of the `others` (label sets of pods that must stay out)."""
+    mine = [p for p in policies if matches(p["spec"].get("podSelector", {}), server.labels)
+            and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+    if not mine:
+        return [f"no NetworkPolicy selects {server.where} for Ingress: every pod in the cluster reaches it"]
+    problems, admitted = [], []
+    for policy in mine:
+        name = policy["metadata"]["name"]
+        for i, rule in enumerate(policy["spec"].get("ingress", [])):
+            where = f"NetworkPolicy {name} ingress[{i}]"
+            if not rule.get("from"):
+                problems.append(f"{where} has no `from`: it admits every source")
+            if [p.get("port") for p in rule.get("ports", [])] != [port]:
+                problems.append(f"{where} is not for port {port} alone: {rule.get('ports')}")
+            for peer in rule.get("from", []):
+                if set(peer) != {"podSelector"}:
+                    problems.append(f"{where} admits {sorted(set(peer) - {'podSelector'})}: other namespaces or "
+                                    f"addresses, not only the job's pods")
+                    continue
+                admitted.append(peer["podSelector"])
+                for labels in others:
+                    if matches(peer["podSelector"], labels):
+                        problems.append(f"{where} admits a pod labelled {labels}")
+    for client in clients:
+        if not any(matches(selector, client.labels) for selector in admitted):
+            problems.append(f"{client.where} (labels {client.labels}) is not admitted to the server")
+    return problems
+
+
 def strings(node: Any) -> Iterator[str]:
     """Every string in a YAML document, at any depth."""
     if isinstance(node, dict):
@@ -679,11 +746,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http_status(port: int, path: str, host: str) -> int:
-    """The status of a GET of path on 127.0.0.1:port, sent with this Host header."""
+def http_status(port: int, path: str, host: str, user: tuple[str, str] | None = None) -> int:
+    """The status of a GET of path on 127.0.0.1:port, sent with this Host header (and basic auth as user)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    headers = {"Host": host}
+    if user:
+        headers["Authorization"] = "Basic " + base64.b64encode(":".join(user).encode()).decode()
     try:
-        conn.request("GET", path, headers={"Host": host})
+        conn.request("GET", path, headers=headers)
         return conn.getresponse().status
     finally:
         conn.close()
@@ -750,22 +820,25 @@ def provenance_problems(ops: list[tuple[str, str]]) -> list[str]:
 
 def server_image_problems(ops: list[tuple[str, str]], manifest: str, pyproject: str) -> list[str]:
     """What keeps an image from serving a manifest's MLflow stores: MLflow pinned to a version that pyproject
-    admits, and the driver of every store scheme the manifest names, every requirement pinned (empty: nothing)."""
+    admits, and the driver of every store scheme the manifest names, every requirement pinned; with
+    --app-name=basic-auth, MLflow's auth extra (Flask-WTF) (empty: nothing)."""
     from packaging.requirements import Requirement
 
     wanted = Requirement(re.search(r'"(mlflow[^"]*)"', pyproject).group(1))
-    pinned = {}
+    pinned, extras = {}, {}
     problems = []
     for spec in pip_installs(ops):
         req = Requirement(spec)
         version = next((s.version for s in req.specifier if s.operator == "=="), None)
         if version is None:
             problems.append(f"{spec} is not pinned (==)")
-        pinned[req.name.lower()] = version
+        pinned[req.name.lower()], extras[req.name.lower()] = version, req.extras
     if "mlflow" not in pinned:
         problems.append("MLflow is not installed")
     elif pinned["mlflow"] and not wanted.specifier.contains(pinned["mlflow"]):
         problems.append(f"mlflow=={pinned['mlflow']} is not what pyproject asks for ({wanted})")
+    if "--app-name=basic-auth" in manifest and "auth" not in extras.get("mlflow", ()) and "flask-wtf" not in pinned:
+        problems.append("--app-name=basic-auth needs mlflow[auth] (Flask-WTF)")
     for scheme in sorted(set(re.findall(r"\b([a-z0-9]+)(?:\+\w+)?://", manifest)) & STORE_DRIVERS.keys()):
         if STORE_DRIVERS[scheme] not in pinned:
             problems.append(f"{scheme}:// needs {STORE_DRIVERS[scheme]}")
@@ -784,6 +857,12 @@ def probe_problems(container: dict, port: int) -> list[str]:
         elif get.get("path") != "/health" or ports.get(get["port"], get["port"]) != port:
             problems.append(f"{name} asks {get.get('path')} on port {get['port']}, not /health on {port}")
     return problems
+
+
+def dockerfile_home(path: Path = DOCKERFILE) -> str:
+    """The image's HOME: /home/<user> of the user its `useradd --create-home` makes."""
+    run = next(arg for op, arg in dockerfile_instructions(path) if op == "RUN" and "--create-home" in arg)
+    return f"/home/{shlex.split(run.split('useradd', 1)[1])[-1]}"
 
 
 def dockerfile_user(path: Path = DOCKERFILE) -> tuple[int, int]:

@@ -30,10 +30,11 @@ from job import config  # noqa: E402
 from tests.k8s_model import (  # noqa: E402
     CRDS, DOCKERFILE, DOCKERFILES, DOCS, EXPECTED_FILES, GPU, K8S, KUBERNETES_VERSIONS, KUEUE_QUEUE, LAUNCHES,
     LAUNCHES_ERROR, LOADED, PODS, PODS_ERROR, ROOT, TRAINING, admission_problems, as_pod, broken_copy, built_image,
-    by_name, check_first_problems, config_file_text, container_env, crd_errors, doc_id, dockerfile_instructions,
-    dockerfile_user, exit_2_problems, find, free_port, hadolint, http_status, ignored_flags, image_dockerfile,
+    by_name, check_first_problems, config_file_text, container_env, crd_errors, doc_id, dockerfile_home,
+    dockerfile_instructions, dockerfile_user, exit_2_problems, find, free_port, hadolint, http_status, ignored_flags, image_dockerfile,
     is_torchrun, job_config, k8s_launches, kubernetes_validate, launch_id, launchers, local_paths, localize,
-    mlflow_server, need, parse_torchrun, pip_installs, pod_id, probe_problems, provenance_problems,
+    mlflow_server, need, network_policy_problems, parse_torchrun, pip_installs, pod_id, probe_problems,
+    provenance_problems,
     security_problems, server_image_problems, shell_launches, strings, torchrun_index)
 
 BUILTIN_DOCS = [(n, d) for n, d in DOCS if (d["apiVersion"], d["kind"]) not in CRDS]
@@ -42,6 +43,14 @@ CRD_PODS = [p for p in PODS if p.launcher.split("/")[0] in {k for _, k in CRDS}]
 K8S_LAUNCHES = [launch for launch in LAUNCHES if launch.pod is not None]
 LAUNCHERS = launchers() if PODS_ERROR is None else []
 SERVER_DOCKERFILE = ROOT / "Dockerfile.mlflow"
+# Label sets of pods that must not reach the MLflow server: unlabelled, another app's, the server's own kind
+OUTSIDERS = [{}, {"app": "notebook"}, {"app.kubernetes.io/name": "mlflow"}, {"app.kubernetes.io/name": "senet-jobs"}]
+
+
+def mlflow_server_pod():
+    """The pod of the MLflow Deployment."""
+    deployment, _, _ = mlflow_server()
+    return next(p for p in PODS if p.spec is deployment["spec"]["template"]["spec"])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -82,7 +91,8 @@ def test_pods_inside_crd_kinds_validate_strictly(pod, version):
 
 
 @pytest.mark.parametrize("check", ["builtin", "crd", "crd-pod", "security", "overrides", "check-first", "exit-2",
-                                   "admission", "ignored-flags", "probes", "provenance", "server-image"])
+                                   "admission", "ignored-flags", "probes", "provenance", "server-image",
+                                   "network-policy"])
 def test_checks_reject_a_broken_copy(check, tmp_path, monkeypatch):
     """The validators above are not vacuous: one deliberate mistake each, caught."""
     if check == "builtin":  # a misspelled container field in the Indexed Job
@@ -104,8 +114,15 @@ def test_checks_reject_a_broken_copy(check, tmp_path, monkeypatch):
         pod.spec["containers"][0]["securityContext"]["allowPrivilegeEscalation"] = True
         pod.spec["containers"][0]["env"].append({"name": "MLFLOW_TRACKING_PASSWORD", "value": "hunter2"})
         pod.spec["volumes"] = [v for v in pod.spec["volumes"] if "emptyDir" not in v]
-        problems = " ".join(security_problems(pod, dockerfile_user()[0]))
+        pod.spec["containers"][0]["securityContext"]["readOnlyRootFilesystem"] = False
+        pod.spec["automountServiceAccountToken"] = True
+        problems = " ".join(security_problems(pod, dockerfile_user()[0], dockerfile_home()))
         assert "allowPrivilegeEscalation" in problems and "literal value" in problems and "/dev/shm" in problems
+        assert "readOnlyRootFilesystem is not true" in problems and "API token" in problems
+        assert "/tmp is not a writable" in problems and f"{dockerfile_home()} is not a writable" in problems
+        trainjob = copy.deepcopy(next(p for p in PODS if p.launcher.startswith("TrainJob/")))
+        del trainjob.spec["serviceAccountName"]  # the namespace's default account: a token in every pod
+        assert "API token" in " ".join(security_problems(trainjob, dockerfile_user()[0], dockerfile_home()))
     elif check == "overrides":
         launch = copy.deepcopy(k8s_launches()[0])
         launch.argv.append("train.epochz=3")
@@ -156,12 +173,24 @@ def test_checks_reject_a_broken_copy(check, tmp_path, monkeypatch):
         arg = next(o for o in ops if o[0] == "ARG" and o[1].startswith("GIT_COMMIT"))
         early = [ops[0], arg, *[o for o in ops[1:] if o != arg]]
         assert "a RUN after ARG GIT_COMMIT" in " ".join(provenance_problems(early))
+    elif check == "network-policy":  # any pod of any namespace; every pod; another port; no policy at all
+        server, policies = mlflow_server_pod(), [d for _, d in DOCS if d["kind"] == "NetworkPolicy"]
+        for path, value, problem in ((["from", 0], {"namespaceSelector": {}}, "other namespaces"),
+                                     (["from", 0, "podSelector"], {}, "admits a pod labelled {}"),
+                                     (["ports", 0, "port"], 8080, "not for port 5000 alone")):
+            broken = copy.deepcopy(policies)
+            node = broken[0]["spec"]["ingress"][0]
+            for key in path[:-1]:
+                node = node[key]
+            node[path[-1]] = value
+            assert problem in " ".join(network_policy_problems(broken, server, 5000, TRAINING, OUTSIDERS)), path
+        assert "no NetworkPolicy selects" in " ".join(network_policy_problems([], server, 5000, TRAINING, []))
     else:  # an unpinned driver, an MLflow older than pyproject allows, a store without its driver
         manifest, pyproject = (K8S / "mlflow-server.yaml").read_text(), (ROOT / "pyproject.toml").read_text()
         ops = [("RUN", "python -m pip install --no-cache-dir mlflow==2.22.0 boto3 && mlflow --version")]
         problems = " ".join(server_image_problems(ops, manifest, pyproject))
         assert "boto3 is not pinned" in problems and "mlflow==2.22.0 is not" in problems
-        assert "postgresql:// needs psycopg2-binary" in problems
+        assert "postgresql:// needs psycopg2-binary" in problems and "basic-auth needs mlflow[auth]" in problems
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -315,8 +344,9 @@ def test_slurm_scripts_launch_job_train():
 
 @pytest.mark.parametrize("pod", PODS, ids=pod_id)
 def test_pod_security(pod):
-    uid, gid = dockerfile_user(image_dockerfile(pod.spec["containers"][0]["image"]))
-    assert security_problems(pod, uid) == []
+    dockerfile = image_dockerfile(pod.spec["containers"][0]["image"])
+    uid, gid = dockerfile_user(dockerfile)
+    assert security_problems(pod, uid, dockerfile_home(dockerfile)) == []
     sc = pod.spec["securityContext"]
     assert sc.get("runAsGroup", gid) == gid and sc.get("fsGroup", gid) == gid
 
@@ -334,6 +364,10 @@ def test_training_pods_environment(pod):
     grace = pod.spec["terminationGracePeriodSeconds"]
     assert int(env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]["value"]) < grace, "torchrun's wait must end before SIGKILL"
     assert int(env["TORCH_FR_BUFFER_SIZE"]["value"]) > 0 and env["TORCH_NCCL_DUMP_ON_TIMEOUT"]["value"] == "1"
+    for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):  # multi-NIC nodes: one ConfigMap key, empty = unset
+        ref = env[name]["valueFrom"]["configMapKeyRef"]
+        assert (ref["name"], ref["key"]) == ("senet-network", "SOCKET_IFNAME")
+        assert find("ConfigMap", "senet-network")["data"]["SOCKET_IFNAME"] == ""
 
 
 @pytest.mark.parametrize("pod", PODS, ids=pod_id)
@@ -413,13 +447,52 @@ def test_mlflow_server_settings():
         assert not is_allowed_host_header(allowed, foreign), foreign
 
 
+def test_only_the_jobs_pods_reach_the_mlflow_server():
+    policies = [d for _, d in DOCS if d["kind"] == "NetworkPolicy"]
+    _, _, args = mlflow_server()
+    port = int(next(a for a in args if a.startswith("--port=")).split("=", 1)[1])
+    assert network_policy_problems(policies, mlflow_server_pod(), port, TRAINING, OUTSIDERS) == []
+    assert all(p.labels for p in TRAINING), "every training pod carries the labels the policy admits"
+
+
+def test_mlflow_server_requires_the_credentials_the_training_pods_send():
+    """basic-auth, its admin from the Secret the training pods read, its user store on the volume."""
+    import configparser
+
+    deployment, container, args = mlflow_server()
+    assert "--app-name=basic-auth" in args
+    env = container_env(container)
+    for admin, sent in (("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_TRACKING_USERNAME"),
+                        ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_TRACKING_PASSWORD")):
+        ref = env[admin]["valueFrom"]["secretKeyRef"]
+        for pod in TRAINING:
+            theirs = container_env(next(c for c in pod.spec["containers"] if is_torchrun(c)))[sent]
+            assert theirs["valueFrom"]["secretKeyRef"] | {"optional": True} == ref | {"optional": True}, pod.where
+    pod = mlflow_server_pod()
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod.spec["volumes"]}
+    ini = Path(env["MLFLOW_AUTH_CONFIG_PATH"]["value"])
+    source = volumes[mounts[str(ini.parent)]]["configMap"]["name"]
+    auth = configparser.ConfigParser()
+    auth.read_string(find("ConfigMap", source)["data"][ini.name])
+    store = auth["mlflow"]["database_uri"].removeprefix("sqlite:///")
+    assert "persistentVolumeClaim" in volumes[mounts[str(Path(store).parent)]], "the user store is not on the PVC"
+    assert auth["mlflow"]["default_permission"] == "NO_PERMISSIONS"
+    assert not {"admin_username", "admin_password"} & set(auth["mlflow"]), "the admin comes from the Secret"
+
+
 def test_mlflow_server_starts_with_the_manifest_settings(tmp_path):
     """The manifest's command and environment, with the volume under tmp_path: /health, and Host checks."""
     deployment, container, args = mlflow_server()
     pod = next(p for p in PODS if p.spec is deployment["spec"]["template"]["spec"])
     paths = local_paths(pod, container, tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+    env.update({e["name"]: localize(e["value"], paths) for e in container.get("env", []) if "value" in e})
+    secret = {"MLFLOW_TRACKING_USERNAME": "senet", "MLFLOW_TRACKING_PASSWORD": "a-test-password-0123",
+              "MLFLOW_FLASK_SERVER_SECRET_KEY": "a-test-key"}
+    env.update({e["name"]: secret[e["valueFrom"]["secretKeyRef"]["key"]] for e in container.get("env", [])
+                if "secretKeyRef" in e.get("valueFrom", {})})  # the Secret mlflow-credentials, as kubectl makes it
+    user = (secret["MLFLOW_TRACKING_USERNAME"], secret["MLFLOW_TRACKING_PASSWORD"])
     for source in container["envFrom"]:
         if "configMapRef" in source:
             settings = find("ConfigMap", source["configMapRef"]["name"])["data"]
@@ -442,10 +515,13 @@ def test_mlflow_server_starts_with_the_manifest_settings(tmp_path):
             time.sleep(0.3)
         uri = urlsplit(find("ConfigMap", "mlflow-tracking")["data"]["MLFLOW_TRACKING_URI"])
         search = "/api/2.0/mlflow/experiments/search?max_results=1"
-        assert http_status(port, search, uri.netloc) == 200
-        assert http_status(port, search, "evil.example.com") == 403
-        assert any(path.joinpath("mlflow.db").is_file() for path in paths.values()), \
-            "the run store is not on the volume where the ConfigMap puts it"
+        assert http_status(port, search, uri.netloc, user) == 200
+        assert http_status(port, search, uri.netloc) == 401, "the server answers without credentials"
+        assert http_status(port, search, uri.netloc, ("senet", "wrong-password-0123")) == 401
+        assert http_status(port, search, "evil.example.com", user) == 403
+        for store in ("mlflow.db", "basic_auth.db"):
+            assert any(path.joinpath(store).is_file() for path in paths.values()), \
+                f"{store} is not on the volume where the ConfigMaps put it"
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
