@@ -11,7 +11,13 @@ checkpoint and stop) and count as partial; runs not started are listed as such. 
            one-cycle, bf16), one arm per choice, 3 seeds each (issue "Accuracy, measured")
   fast     full width: configs/fast.yaml, and the same at batch 256, 3 seeds each
   fast-sweep  full width: configs/fast.yaml at batch 64-256, lr 0.2, weight decay 2e-4, 3 seeds each
-  default  full width: the defaults (200 epochs), seed 0
+  proxy    the fast-training methods of issue 19 ranked on a CPU: width 16, 8,000 training images, 4 epochs,
+           batch 128, one-cycle, flip TTA (fast.yaml's recipe, small), one arm per method, 3 seeds each
+  methods  the same arms at full width on a GPU: configs/fast.yaml plus each method, 3 seeds each
+  default  full width: the defaults at 60 epochs (the candidate length for job/config.py), seed 0
+
+The table's delta column is the mean ± std over seeds of (arm - the plan's base arm) for the same seed: a seed
+fixes the initialisation and the data order, so paired differences are less noisy than the means' difference.
 """
 
 import argparse
@@ -38,6 +44,20 @@ W32_ARMS = {  # arm: what it changes from the base (lr follows the batch by trai
     "no-label-smoothing": ["train.label_smoothing=0"],
     "cosine": ["train.schedule=cosine"], "batch-128": ["train.batch_size=128"], "batch-512": ["train.batch_size=512"],
 }
+METHODS = {  # issue 19's fast-training methods, each on its own against the plan's base
+    "base": [], "reflect-pad": ["data.pad_mode=reflect"], "translate-2": ["data.crop_padding=2"],
+    "alternate-flip": ["data.flip=alternate"], "zero-init-residual": ["model.zero_init_residual=true"],
+    "bn-momentum-0.4": ["model.bn_momentum=0.4"], "bn-bias-lr-x8": ["train.bn_bias_lr_mult=8"],
+    "whiten-stem": ["train.whiten_stem=true"], "tta-multicrop": ["train.tta=multicrop"],
+    "label-smoothing-0.2": ["train.label_smoothing=0.2"],
+    "ema-0.99": ["train.ema_decay=0.99"],
+    "lookahead": ["train.ema_decay=0.95", "train.ema_mode=lookahead", "train.ema_every_steps=5"],
+    "all-data": ["data.val_size=0"],  # trains on the validation images too (5,000 more at full size)
+}
+PROXY = ["data.val_size=2000", "data.train_subset=8000", "data.test_subset=5000", "model.width=16", "train.epochs=4",
+         "train.batch_size=128", "train.lr=0.1", "train.ref_batch_size=128", "train.schedule=onecycle",
+         "train.warmup_epochs=0.5", "train.tta=flip"]
+PROXY_ARMS = {**METHODS, "all-data": ["data.val_size=0", "data.train_subset=10000"]}  # + the 2,000 it held out
 FAST = ["--config", "configs/fast.yaml"]
 FAST_SWEEP = {  # configs/fast.yaml at full width with fewer images per step, a higher lr, less weight decay
     "fast-b128": ["train.batch_size=128"], "fast-b128-lr0.2": ["train.batch_size=128", "train.lr=0.2"],
@@ -66,12 +86,15 @@ class Run:
         return f"{self.arm}-s{self.seed}"
 
 
+PLANS = ("default", "fast", "fast-sweep", "w32", "proxy", "methods")
+
+
 def plan(names: list[str]) -> list[Run]:
     """The runs in launch order: seed 0 of every arm before any seed 1 (a budget cut leaves whole comparisons)."""
     runs = []
     for name in names:
-        if name == "default":
-            runs += [Run("default", 0, [])]
+        if name == "default":  # the defaults at the length the field's evidence points to (60-80 epochs)
+            runs += [Run("default-60ep", 0, ["train.epochs=60"])]
         elif name == "fast":
             runs += [Run(arm, seed, FAST + extra) for seed in range(3)
                      for arm, extra in {"fast": [], "fast-batch-256": ["train.batch_size=256"]}.items()]
@@ -79,8 +102,12 @@ def plan(names: list[str]) -> list[Run]:
             runs += [Run(arm, seed, FAST + extra) for seed in range(3) for arm, extra in FAST_SWEEP.items()]
         elif name == "w32":
             runs += [Run(f"w32-{arm}", seed, W32 + extra) for seed in range(3) for arm, extra in W32_ARMS.items()]
+        elif name == "proxy":
+            runs += [Run(f"proxy-{arm}", seed, PROXY + extra) for seed in range(3) for arm, extra in PROXY_ARMS.items()]
+        elif name == "methods":
+            runs += [Run(f"fast-{arm}", seed, FAST + extra) for seed in range(3) for arm, extra in METHODS.items()]
         else:
-            raise SystemExit(f"error: unknown plan {name!r} (choose from default, fast, fast-sweep, w32)")
+            raise SystemExit(f"error: unknown plan {name!r} (choose from {', '.join(PLANS)})")
     return sorted(runs, key=lambda run: run.seed)
 
 
@@ -91,7 +118,8 @@ def read_metrics(run: Run, out_dir: Path) -> None:
     final = [r for r in records if "test_acc" in r]
     run.epochs_done = len(run.history)
     if run.history:
-        run.best_val_acc = max(r["val_acc"] for r in run.history)
+        vals = [r["val_acc"] for r in run.history if r["val_acc"] is not None]  # none without a validation split
+        run.best_val_acc = max(vals) if vals else None
         speeds = [r["images_per_sec"] for r in run.history[1:]] or [run.history[0]["images_per_sec"]]
         run.images_per_sec = statistics.median(speeds)
     if final:
@@ -152,10 +180,22 @@ def execute(runs: list[Run], out: Path, overrides: list[str], parallel: int, bud
         time.sleep(1)
 
 
+def paired_delta(runs: list[Run], arm: str) -> str:
+    """Mean ± std over seeds of arm's test accuracy minus its plan's base arm's at the same seed, in points."""
+    base = f"{arm.split('-', 1)[0]}-base"  # proxy-lookahead -> proxy-base
+    if base == arm:
+        return "-"
+    tests = {(r.arm, r.seed): r.test_acc for r in runs if r.status == "finished"}
+    deltas = [100 * (tests[arm, s] - tests[base, s]) for a, s in tests if a == arm and (base, s) in tests]
+    if not deltas:
+        return "-"
+    return f"{statistics.mean(deltas):+.2f}" + (f" ± {statistics.stdev(deltas):.2f}" if len(deltas) > 1 else "")
+
+
 def table(runs: list[Run]) -> str:
-    rows = ["| arm | runs finished | dev-test acc, mean ± std | min - max | best val acc (mean) | epochs "
-            "| img/s (median) |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| arm | runs finished | dev-test acc, mean ± std | delta vs base, points (paired) | min - max "
+            "| best val acc (mean) | epochs | img/s (median) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for arm in dict.fromkeys(r.arm for r in runs):
         group = [r for r in runs if r.arm == arm]
         done = [r for r in group if r.status == "finished"]
@@ -166,7 +206,8 @@ def table(runs: list[Run]) -> str:
         vals = [r.best_val_acc for r in done]
         speeds = [r.images_per_sec for r in group if r.images_per_sec]
         epochs = "/".join(str(r.epochs_done) for r in group)
-        rows.append(f"| {arm} | {len(done)} of {len(group)} | {mean_std} | {spread} | "
+        vals = [v for v in vals if v is not None]  # a run without a validation split (data.val_size=0)
+        rows.append(f"| {arm} | {len(done)} of {len(group)} | {mean_std} | {paired_delta(runs, arm)} | {spread} | "
                     f"{statistics.mean(vals) if vals else float('nan'):.4f} | {epochs} | "
                     f"{statistics.median(speeds) if speeds else float('nan'):.0f} |")
     return "\n".join(rows)
@@ -188,7 +229,7 @@ def plot(runs: list[Run], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.recipes", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("plans", nargs="?", help="comma-separated: default, fast, fast-sweep, w32 (with MLflow on, "
+    parser.add_argument("plans", nargs="?", help=f"comma-separated: {', '.join(PLANS)} (with MLflow on, "
                         "give parallel runs a tracking server: mlflow.tracking_uri=http://...)")
     parser.add_argument("--data-root", help="data.root of every run (e.g. the dev split)")
     parser.add_argument("--out", type=Path)

@@ -1,5 +1,6 @@
 """Checkpoints: written by rank 0 only, atomically (temp file, fsync, rename), read with weights_only=True."""
 
+import dataclasses
 import os
 import shutil
 import threading
@@ -8,8 +9,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 import torch
+import torch.distributed as dist
 
-from job.distributed import Runtime
+from job.cli import first_line
+from job.config import ModelConfig
+from job.distributed import Runtime, all_agree
 from job.provenance import NOT_RECIPE
 
 # what every checkpoint of the job holds; anything else (a bare state_dict, a list) is refused in one line
@@ -32,7 +36,8 @@ def previous(path: Path) -> Path:
 
 def write_atomically(path: Path, write: Callable[[BinaryIO], None], keep_previous: bool = False) -> None:
     """path gets what write(file) writes, so that a crash at any moment leaves either the old file or the new
-    one (a temp file, fsync, rename, the directory fsynced); OSError as the filesystem raised it.
+    one (a temp file, fsync, rename, the directory fsynced); whatever write or the filesystem raised, re-raised
+    once the temp file is gone.
 
     keep_previous moves the old file to previous(path) first: a fallback should the new one be unreadable.
     """
@@ -47,17 +52,27 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], None], keep_previou
             os.replace(path, previous(path))
         os.replace(tmp, path)
         sync_dir(path.parent)
-    except OSError:
+    except BaseException:  # not only OSError: torch.save raises RuntimeError on a full disk
         tmp.unlink(missing_ok=True)
         raise
 
 
 def save(state: dict, path: Path, keep_previous: bool = False) -> None:
-    """Write the checkpoint state to path atomically (write_atomically); a failure is one CheckpointError line."""
+    """Write the checkpoint state to path atomically (write_atomically); any failure is one CheckpointError line."""
     try:
         write_atomically(path, lambda f: torch.save(state, f), keep_previous)
-    except OSError as e:
-        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous one is intact") from None
+    except Exception as e:  # torch.save wraps a full disk's OSError in "enforce fail at inline_container.cc"
+        raise CheckpointError(f"cannot write checkpoint {path}: {cause(e)}; the previous one is intact") from None
+
+
+def cause(e: BaseException) -> str:
+    """Why a write failed, in words: the OSError's (a full disk) where one is in the chain, else the first line."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    return f"{first_line(e)} ({type(e).__name__})"
 
 
 def load(path: str | Path) -> dict:
@@ -88,19 +103,24 @@ class Checkpointer:
     save() snapshots the state to host memory (what training cannot change any more) and writes it in a
     background thread, so the loop waits for a copy, not for serialisation and fsync; one write at a time.
     wait() returns once the last write is on disk and raises its error if it failed: the stop path, the end
-    of training and the test wait, so a preempted or finished run leaves a complete checkpoint."""
+    of training and the test wait, so a preempted or finished run leaves a complete checkpoint. A write that
+    failed, however the writer failed, stops every rank at the next save() or wait()."""
 
     def __init__(self, out_dir: str, runtime: Runtime, config: dict):
         self.last, self.best = directory(out_dir) / "last.pt", directory(out_dir) / "best.pt"
         self.writer, self.world_size, self.config = runtime.is_main, runtime.world_size, config
+        self.device = runtime.device
         self.thread: threading.Thread | None = None
         self.error: CheckpointError | None = None
+        self.durable = 0
+        """Epochs done in the newest checkpoint this launch has completely on disk (0: none yet)."""
 
     def save(self, parts, state, best: bool = False) -> None:
-        """The checkpoint built from the states of its parts (weights, optimizer, ...) and the TrainState."""
+        """The checkpoint built from the states of its parts (weights, optimizer, ...) and the TrainState.
+        Every rank calls it: each learns whether the previous write failed."""
+        self.wait()  # the previous write first (and its error, if it failed)
         if not self.writer:
             return
-        self.wait()  # the previous write first (and its error, if it failed)
         ckpt = snapshot({**parts.state_dict(), "train_state": state.state_dict(),
                          "rng": {"torch": torch.get_rng_state()}, "config": self.config, "world_size": self.world_size})
         self.thread = threading.Thread(target=self._write, args=(ckpt, best), name="checkpoint-writer")
@@ -118,17 +138,67 @@ class Checkpointer:
             save(ckpt, self.last, keep_previous=True)
             if best:
                 same_file(self.last, self.best)
-        except CheckpointError as e:
-            self.error = e
+        except BaseException as e:  # any: a thread that died of one would leave wait() nothing to raise
+            self.error = e if isinstance(e, CheckpointError) else CheckpointError(
+                f"cannot write checkpoint {self.last}: {cause(e)}; the previous one is intact")
+        else:
+            self.durable = ckpt["train_state"]["epoch"]
 
     def wait(self, raise_error: bool = True) -> None:
-        """Block until the write in flight is on disk; raise its error (unless raise_error is False)."""
+        """Block until the write in flight is on disk; raise its error (unless raise_error is False). With
+        raise_error every rank calls it, and all of them raise: none goes on alone into a collective."""
         if self.thread is not None:
             self.thread.join()
             self.thread = None
         error, self.error = self.error, None
-        if error is not None and raise_error:
+        if raise_error:
+            self._agree(error, "could not write a checkpoint")
+
+    def _agree(self, error: CheckpointError | None, what: str) -> None:
+        """Raise error on rank 0 and a CheckpointError on the others if rank 0 had one (a collective where there
+        is a process group)."""
+        if self.world_size > 1 and dist.is_initialized() and not all_agree(error is None, self.device):
+            raise error or CheckpointError(f"rank 0 {what} (its error line says why)")
+        if error is not None:
             raise error
+
+    def check_best(self, best_epoch: int | None, resumed: Path | None = None) -> str | None:
+        """Prove that best.pt holds the epoch the TrainState names as the best (best_epoch), and repair it where it
+        does not (a crash between the rename of last.pt and the link of best.pt leaves an older one) from a
+        checkpoint that holds that epoch: last.pt, last.prev.pt or resumed. Returns the line that says it was
+        repaired (None: it was right); every rank calls it, and all raise if no checkpoint holds that epoch."""
+        error = line = None
+        if self.writer and best_epoch is not None:
+            try:
+                line = self._repair_best(best_epoch, resumed)
+            except CheckpointError as e:
+                error = e
+        self._agree(error, f"found {self.best} wrong")
+        return line
+
+    def _repair_best(self, best_epoch: int, resumed: Path | None) -> str | None:
+        held = epoch_held(self.best)
+        if held == best_epoch:
+            return None
+        what = "nothing readable" if held is None else f"epoch {held + 1}"
+        for source in (self.last, previous(self.last), resumed):
+            if source is not None and epoch_held(source) == best_epoch:
+                same_file(source, self.best)
+                return (f"{self.best} held {what}, not epoch {best_epoch + 1}, which the training state names as the "
+                        f"best (a crash between the writes of last.pt and best.pt?): replaced by {source}, which "
+                        f"holds it")
+        raise CheckpointError(f"{self.best} holds {what}, but the training state names epoch {best_epoch + 1} as the "
+                              f"best and no checkpoint beside it holds that epoch: its weights are gone, so no test "
+                              f"or registration could be trusted; train again in a new train.out_dir")
+
+
+def epoch_held(path: Path) -> int | None:
+    """The epoch (0-based) whose end the checkpoint at path holds; None if it is missing, unreadable or mid-epoch."""
+    try:  # mmap: the train state is read, the tensors are not
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["train_state"]
+        return state["epoch"] - 1 if state["epoch"] > 0 and not state.get("step") else None
+    except Exception:
+        return None
 
 
 def snapshot(tree):
@@ -204,7 +274,8 @@ def resume_path(resume: str, out_dir: str) -> Path | None:
 
 def check_model(state: dict, model_config: dict, path: Path) -> None:
     """Refuse a checkpoint of a different model shape with one line that says what differs."""
-    saved = state.get("config", {}).get("model", {})
+    # a key newer than the checkpoint had its default then (model.bn_momentum, model.zero_init_residual)
+    saved = {**dataclasses.asdict(ModelConfig()), **state.get("config", {}).get("model", {})}
     diff = [f"{k}={saved.get(k)} (config says {v})" for k, v in model_config.items() if saved.get(k) != v]
     if diff:
         raise CheckpointError(f"checkpoint {path} is for another model: " + ", ".join(diff))
@@ -215,6 +286,7 @@ def check_model(state: dict, model_config: dict, path: Path) -> None:
 # or data order in the checkpoint were made with it, so a new value would hold only in config.yaml.
 RESUME_APPLIES = {"train.epochs", "train.label_smoothing", "train.clip_grad_norm", "train.tta", "train.precision",
                   "train.sync_bn", "train.eval_batch_size", "data.mixup_alpha", "data.cutmix_alpha", "data.cutout",
+                  "data.crop_padding", "data.pad_mode", "data.flip",
                   "data.test_subset", "data.root", "data.download", "data.verify", "data.url", "data.md5"}
 # where outputs go and how the launch runs (and how fast), not what is trained: changed silently
 RESUME_SILENT = {f"train.{k}" for k in (*NOT_RECIPE, "channels_last", "compile", "reuse_host_memory",
@@ -273,7 +345,12 @@ def check_compatible(state: dict, cfg, path: Path) -> None:
     """Before any work: the checkpoint holds the model this config builds, and EMA weights exactly when it
     keeps an EMA (resuming across that would lose them or start from nothing)."""
     check_model(state, cfg.to_dict()["model"], path)
-    if ("ema" in state) != bool(cfg.train.ema_decay):
-        was = state["config"]["train"].get("ema_decay", 0.0)
-        raise CheckpointError(f"checkpoint {path} was trained with train.ema_decay={was}: resume it with the same "
-                              f"(this launch has {cfg.train.ema_decay})")
+    t, was = cfg.train, state["config"]["train"]
+    has = {"ema": "average", "lookahead": "lookahead"}
+    kept = [mode for key, mode in has.items() if key in state]
+    if kept != ([t.ema_mode] if t.ema_decay else []):
+        said = f"train.ema_decay={was.get('ema_decay', 0.0)}" + (f" ema_mode={kept[0]}" if kept and kept[0] != "average"
+                                                                  else "")
+        now = f"{t.ema_decay}" + (f" ema_mode={t.ema_mode}" if t.ema_decay and t.ema_mode != "average" else "")
+        raise CheckpointError(f"checkpoint {path} was trained with {said}: resume it with the same "
+                              f"(this launch has {now})")

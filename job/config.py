@@ -9,6 +9,7 @@ import difflib
 import math
 import os
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ def redact(uri: str) -> str:
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
-        raise ConfigError(message)
+        raise ConfigError(message if len(message) <= 300 else message[:297] + "...")  # a value may be any length
 
 
 def _check_types(section: object, name: str) -> None:
@@ -52,11 +53,16 @@ class ModelConfig:
     """Channels of the stem and first stage; later stages use 2x, 4x, 8x."""
     reduction: int = 16
     """Squeeze-and-excitation reduction ratio."""
+    bn_momentum: float = 0.1
+    """BatchNorm momentum in torch's sense: the weight of each new batch in the running statistics."""
+    zero_init_residual: bool = False
+    """Start each block's last BatchNorm scale at 0, so each block starts as its shortcut (torchvision's name)."""
 
     def __post_init__(self):
         _check_types(self, "model")
         _require(self.width >= 1, f"model.width must be >= 1, got {self.width}")
         _require(self.reduction >= 1, f"model.reduction must be >= 1, got {self.reduction}")
+        _require(0 < self.bn_momentum <= 1, f"model.bn_momentum must be in (0, 1], got {self.bn_momentum}")
 
 
 @dataclass(kw_only=True)
@@ -79,8 +85,15 @@ class DataConfig:
     """Train on a fixed random N of the images left after the validation split (quick runs)."""
     test_subset: int | None = None
     """Test on a fixed random N of the test images, the same in every run (quick runs)."""
+    crop_padding: int = 4
+    """Random translation: a 32x32 crop of the image padded by this many pixels on each side; 0 = off."""
+    pad_mode: typing.Literal["zeros", "reflect"] = "zeros"
+    """How the crop's padding is filled: zeros (black borders) or reflect (the image mirrored at its edges)."""
+    flip: typing.Literal["random", "alternate", "none"] = "random"
+    """Horizontal flips in training: random (each image, each epoch, p=0.5), alternate (each image flipped on every
+    other epoch, its first epoch's side random: every image seen both ways in each pair of epochs) or none."""
     cutout: int = 0
-    """Side of a square cut out of each training image; 0 = off."""
+    """Side of a square cut out of each training image (filled with the dataset mean); 0 = off."""
     mixup_alpha: float = 0.0
     """MixUp on each device batch (torchvision.transforms.v2.MixUp), Beta(alpha, alpha); 0 = off."""
     cutmix_alpha: float = 0.0
@@ -94,6 +107,7 @@ class DataConfig:
             value = getattr(self, key)
             _require(value is None or value >= 1, f"data.{key} must be >= 1 or null, got {value}")
         _require(0 <= self.cutout <= 32, f"data.cutout must be in [0, 32], got {self.cutout}")
+        _require(0 <= self.crop_padding <= 16, f"data.crop_padding must be in [0, 16], got {self.crop_padding}")
         for key in ("mixup_alpha", "cutmix_alpha"):
             value = getattr(self, key)
             _require(0 <= value <= 10, f"data.{key} must be in [0, 10] (0 = off), got {value}")
@@ -116,11 +130,24 @@ class TrainConfig:
     label_smoothing: float = 0.1
     """Label smoothing of the training loss."""
     ema_decay: float = 0.0
-    """EMA of the weights and BatchNorm buffers per step (0 = off); validation, test, best.pt's `ema` and the
-    registered model then use the averaged weights."""
-    tta: typing.Literal["none", "flip"] = "flip"
+    """Weight averaging (0 = off). ema_mode=average: an EMA of the weights and BatchNorm buffers, its decay warmed up
+    as min(decay, (1 + n) / (10 + n)) over its n updates; validation, test, best.pt's `ema` and the registered model
+    use the averaged weights. ema_mode=lookahead: the decay per step of airbench's Lookahead (below)."""
+    ema_mode: typing.Literal["average", "lookahead"] = "average"
+    """average (a separate averaged copy), or lookahead: every ema_every_steps steps the slow weights move toward
+    the trained ones by 1 - rho, rho = ema_decay**ema_every_steps * progress**3, and the trained ones are set to
+    them (again at each epoch's end)."""
+    ema_every_steps: int = 1
+    """Update the average every this many optimizer steps (airbench's Lookahead: 5)."""
+    bn_bias_lr_mult: float = 1.0
+    """Learning-rate multiplier of the BatchNorm biases (airbench trains them 64x faster; weight decay unchanged)."""
+    whiten_stem: bool = False
+    """Initialise conv1 from the whitening of the training images' 3x3 patches (first 5,000 images) instead of
+    at random; training then moves it as any other layer."""
+    tta: typing.Literal["none", "flip", "multicrop"] = "flip"
     """Test-time augmentation in validation, test and the registered model: flip averages the logits of the image
-    and its mirror (+0.7 points at width 32, 3 seeds: BENCHMARKS.md)."""
+    and its mirror (+0.7 points at width 32, 3 seeds: BENCHMARKS.md); multicrop adds the pairs shifted one pixel
+    up-left and down-right (weights 1/2, 1/4, 1/4; 6 forward passes)."""
     sync_bn: typing.Literal["auto", True, False] = "auto"
     """SyncBatchNorm across ranks (CUDA only): auto turns it on when a rank's batch is below 32 images."""
     clip_grad_norm: float = 0.0
@@ -183,6 +210,9 @@ class TrainConfig:
     """Steps recorded into the trace and the op table."""
     profile_ranks: typing.Literal["rank0", "all"] = "rank0"
     """Profile rank 0 only, or every rank (each into <out_dir>/profile/rank<N>/)."""
+    stop_check_every_steps: int = 10
+    """Ask all ranks about stop signals every this many steps (and at each epoch's end): one all-reduce per check,
+    whose answer is read at the next one, so a stop comes within 2x this many steps of the signal."""
 
     @property
     def resume_file(self) -> str | None:
@@ -205,6 +235,8 @@ class TrainConfig:
                  f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         _require(self.warmup_epochs >= 0, f"train.warmup_epochs must be >= 0, got {self.warmup_epochs}")
         _require(0 <= self.ema_decay < 1, f"train.ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
+        _require(self.ema_every_steps >= 1, f"train.ema_every_steps must be >= 1, got {self.ema_every_steps}")
+        _require(self.bn_bias_lr_mult > 0, f"train.bn_bias_lr_mult must be > 0, got {self.bn_bias_lr_mult}")
         _require(self.clip_grad_norm >= 0, f"train.clip_grad_norm must be >= 0 (0 = off), got {self.clip_grad_norm}")
         _require(self.threads >= 0, f"train.threads must be >= 0, got {self.threads}")
         _require(self.bucket_mb >= 1, f"train.bucket_mb must be >= 1, got {self.bucket_mb}")
@@ -222,6 +254,8 @@ class TrainConfig:
         _require(self.profile_skip >= 0 and self.profile_warmup >= 0 and self.profile_active >= 1,
                  f"train.profile_skip and profile_warmup must be >= 0 and profile_active >= 1, got "
                  f"{self.profile_skip}, {self.profile_warmup}, {self.profile_active}")
+        _require(self.stop_check_every_steps >= 1,
+                 f"train.stop_check_every_steps must be >= 1, got {self.stop_check_every_steps}")
 
 
 @dataclass(kw_only=True)
@@ -298,6 +332,16 @@ def _one_of(options: tuple) -> str:
     return f"{', '.join(rest)} or {last}" if rest else last
 
 
+def _show(value: object, limit: int = 40) -> str:
+    """value's repr for a message: at most about limit characters, built without the repr of the whole of it
+    (a value in a config may be a megabyte long)."""
+    short = reprlib.Repr()
+    short.maxstring = short.maxlong = short.maxother = limit
+    short.maxlist = short.maxtuple = short.maxdict = short.maxset = 4
+    short.maxlevel = 2
+    return short.repr(value)
+
+
 def _finite(key: str, number: float) -> float:
     if not math.isfinite(number) or abs(number) > 1e30:  # inf trains to NaN; 1e300 overflows on the way
         raise ConfigError(f"{key} must be a finite number no larger than 1e30, got {number!r}")
@@ -310,12 +354,12 @@ def _coerce(key: str, value, annotation):
         options = typing.get_args(annotation)
         if any(type(value) is type(option) and value == option for option in options):  # 1 is not True
             return value
-        raise ConfigError(f"{key} must be {_one_of(options)}, got {value!r}")
+        raise ConfigError(f"{key} must be {_one_of(options)}, got {_show(value)}")
     if typing.get_origin(annotation) is list:
         if isinstance(value, str):  # the older form, "SIGTERM,SIGUSR1"
             value = [item.strip() for item in value.split(",") if item.strip()]
         if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list or a comma-separated string, got {value!r}")
+            raise ConfigError(f"{key} must be a list or a comma-separated string, got {_show(value)}")
         (item_type,) = typing.get_args(annotation)
         return [_coerce(f"{key}[{i}]", item, item_type) for i, item in enumerate(value)]
     allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
@@ -326,7 +370,7 @@ def _coerce(key: str, value, annotation):
             return value
         if kind is int and isinstance(value, int) and not isinstance(value, bool):
             if abs(value) >= 2**31:  # every count, size and seed here fits; larger ones overflow torch or C
-                raise ConfigError(f"{key} must be below 2**31 in magnitude, got {value}")
+                raise ConfigError(f"{key} must be below 2**31 in magnitude, got {_show(value)}")
             return value
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return _finite(key, float(value))
@@ -340,7 +384,7 @@ def _coerce(key: str, value, annotation):
             return str(value)
     names = " or ".join({bool: "a boolean", int: "an integer", float: "a number", str: "a string",
                          type(None): "null"}[k] for k in allowed)
-    raise ConfigError(f"{key} must be {names}, got {value!r}")
+    raise ConfigError(f"{key} must be {names}, got {_show(value)}")
 
 
 def _merge(tree: dict, values: dict, origin: str, raw: str | None = None) -> None:
@@ -355,7 +399,7 @@ def _merge(tree: dict, values: dict, origin: str, raw: str | None = None) -> Non
         if section not in sections:
             raise _unknown(str(section))
         if not isinstance(entries, dict):
-            raise ConfigError(f"{section} in {origin} must be a mapping of keys, got {entries!r}")
+            raise ConfigError(f"{section} in {origin} must be a mapping of keys, got {_show(entries)}")
         fields = {f.name: f for f in dataclasses.fields(sections[section])}
         for name, value in entries.items():
             key = f"{section}.{name}"
@@ -366,14 +410,45 @@ def _merge(tree: dict, values: dict, origin: str, raw: str | None = None) -> Non
             tree[section][name] = value
 
 
+MAX_CONFIG_BYTES = 2**20  # a config is a few kB: a larger file is a mistake, or meant to exhaust the parser
+
+
+class AliasUsed(yaml.YAMLError):
+    """A YAML alias (*name) where a config is read."""
+
+    def __init__(self, anchor: str, line: int):
+        super().__init__(f"a YAML alias (*{anchor}) at line {line}")
+        self.anchor, self.line = anchor, line
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader without aliases: a config has no use for them, and nested ones expand without bound
+    (nine aliases of nine aliases, nine deep, are 9**9 strings from 300 bytes, and a message's repr of them)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise AliasUsed(event.anchor, event.start_mark.line + 1)
+        return super().compose_node(parent, index)
+
+
+def _yaml(text: str) -> object:
+    """text parsed as YAML by _Loader; AliasUsed, yaml.YAMLError, or ValueError (an integer of more digits than
+    Python converts, 4300) on what it cannot take."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 -- _Loader is a SafeLoader
+
+
 def _parse_override(text: str) -> tuple[str, str, object, str]:
     key, sep, raw = text.partition("=")
     if not sep or "." not in key:
-        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. train.epochs=10)")
+        raise ConfigError(f"override {_show(text)} must look like section.key=value (e.g. train.epochs=10)")
     section, _, name = key.strip().partition(".")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = _yaml(raw) if raw.strip() else ""
+    except AliasUsed as e:
+        raise ConfigError(f"override {_show(key.strip())} uses a YAML alias (*{_show(e.anchor)}): a config has no "
+                          f"use for anchors and aliases, and they can expand without bound; write the value out")
+    except (yaml.YAMLError, ValueError):  # not YAML (or too many digits): the text as typed, which _coerce checks
         value = raw
     return section, name, value, raw
 
@@ -383,23 +458,36 @@ def load(path: str | None = None, overrides: list[str] = ()) -> Config:
     tree = {name: {} for name in _sections()}
     if path is not None:
         try:
-            text = Path(path).expanduser().read_text(encoding="utf-8")
+            with open(Path(path).expanduser(), "rb") as f:
+                data = f.read(MAX_CONFIG_BYTES + 1)  # no more than that is read, whatever the file is
+                size = os.fstat(f.fileno()).st_size
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
         except OSError as e:
             raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {path} is {f'{size:,}' if size > MAX_CONFIG_BYTES else 'more than that many'} "
+                              f"bytes; a config is a few kB (the limit is {MAX_CONFIG_BYTES:,})")
+        try:
+            text = data.decode("utf-8")
         except UnicodeDecodeError as e:
             raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}): is it the YAML file?") from None
         try:
-            values = yaml.safe_load(text)
+            values = _yaml(text)
+        except AliasUsed as e:
+            raise ConfigError(f"{path} uses {e}: a config has no use for anchors and aliases, and they can expand "
+                              f"without bound; write the values out") from None
         except yaml.YAMLError as e:
             where = getattr(e, "problem_mark", None)
             line = f" at line {where.line + 1}" if where else ""
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
             raise ConfigError(f"invalid YAML in {path}{line}: {problem}") from None
+        except ValueError as e:  # PyYAML converting an integer of more than 4300 digits
+            raise ConfigError(f"invalid YAML in {path}: {_show(str(e), 80)}") from None
         if values is not None and not isinstance(values, dict):  # `false`, a list, a bare word: not "all defaults"
+            shown = values[:40] if isinstance(values, str) else _show(values)
             raise ConfigError(f"{path} must be a mapping of sections (model, data, train, mlflow), "
-                              f"got {type(values).__name__} {str(values)[:40]!r}")
+                              f"got {type(values).__name__} {shown!r}")
         _merge(tree, values or {}, path)
     for text in overrides:
         section, name, value, raw = _parse_override(text)

@@ -109,15 +109,38 @@ def _present(root: str, verify: bool) -> bool:
         return False
 
 
+# What CIFAR-10's pickled batches refer to: numpy arrays (numpy 1 and 2 module names), and the bytes of a file
+# pickled again by Python 3 at protocol 2. Nothing else is looked up, so a batch file cannot name code to run.
+BATCH_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                 ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+                 ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+
+class _ForeignGlobal(pickle.UnpicklingError):
+    """A pickled batch that names something besides BATCH_GLOBALS."""
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that resolves only BATCH_GLOBALS (data.verify=false reads files no md5 vouches for)."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in BATCH_GLOBALS:
+            raise _ForeignGlobal(f"it refers to {module[:60]}.{name[:60]}, which a CIFAR-10 batch never does")
+        return super().find_class(module, name)
+
+
 def _read_batches(root: str, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = [], []
     for name in names:
         path = Path(root) / FOLDER / name
         try:
             with open(path, "rb") as f:
-                entry = pickle.load(f, encoding="latin1")
+                entry = _BatchUnpickler(f, encoding="latin1").load()
             pixels = entry["data"]
             raw_labels = entry.get("labels", entry.get("fine_labels"))
+        except _ForeignGlobal as e:
+            raise DataError(f"refusing CIFAR-10 file {path}: {cli.first_line(e)} (code, not data); delete it and "
+                            f"{_stage_hint(root)}") from None
         except Exception as e:
             raise DataError(f"cannot read CIFAR-10 file {path} (corrupt or truncated: {type(e).__name__}); "
                             f"delete it and {_stage_hint(root)}") from None
@@ -230,27 +253,59 @@ def step_generator(seed: int, epoch: int, step: int, rank: int, device: torch.de
     return torch.Generator(device).manual_seed(step_seed(seed, epoch, step, rank))
 
 
-def augment(x: torch.Tensor, g: torch.Generator, cutout: int = 0) -> torch.Tensor:
-    """Random 32x32 crop of the 4-pixel zero-padded image and horizontal flip, for a whole uint8 batch."""
+def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Positions outside [0, size) mirrored at the edges without repeating them (F.pad's reflect: -1 -> 1)."""
+    index = index.abs()
+    return torch.where(index >= size, 2 * (size - 1) - index, index)
+
+
+def augment(x: torch.Tensor, g: torch.Generator, cutout: int = 0, *, padding: int = 4, pad_mode: str = "zeros",
+            flip: torch.Tensor | None = None) -> torch.Tensor:
+    """For a whole uint8 batch: a random 32x32 crop of the image padded by `padding` pixels (zeros or reflect),
+    a horizontal flip (random, or where the bool mask flip says), and a cutout square of side `cutout` filled
+    with the dataset mean."""
     n, c, h, w = x.shape
     dev = x.device
-    padded = F.pad(x, (4, 4, 4, 4))
-    dy = torch.randint(0, 9, (n, 1), device=dev, generator=g)
-    dx = torch.randint(0, 9, (n, 1), device=dev, generator=g)
-    rows = (dy + torch.arange(h, device=dev))[:, None, :, None]
-    cols = (dx + torch.arange(w, device=dev))[:, None, None, :]
-    out = padded[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
-                 rows, cols]
-    flip = torch.rand(n, device=dev, generator=g) < 0.5
+    out = x
+    if padding:
+        dy = torch.randint(0, 2 * padding + 1, (n, 1), device=dev, generator=g)
+        dx = torch.randint(0, 2 * padding + 1, (n, 1), device=dev, generator=g)
+        rows = dy + torch.arange(h, device=dev) - padding  # positions in the unpadded image
+        cols = dx + torch.arange(w, device=dev) - padding
+        if pad_mode == "reflect":
+            source, rows, cols = x, _reflect(rows, h), _reflect(cols, w)
+        else:
+            source, rows, cols = F.pad(x, (padding,) * 4), rows + padding, cols + padding
+        out = source[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
+                     rows[:, None, :, None], cols[:, None, None, :]]
+    if flip is None:
+        flip = torch.rand(n, device=dev, generator=g) < 0.5
     out = torch.where(flip[:, None, None, None], out.flip(3), out)
-    if cutout:
-        cy = torch.randint(0, h, (n, 1, 1, 1), device=dev, generator=g)
-        cx = torch.randint(0, w, (n, 1, 1, 1), device=dev, generator=g)
+    if cutout:  # a cutout x cutout square (clipped at the borders) around a uniformly drawn centre pixel
+        cy = torch.randint(0, h, (n, 1, 1, 1), device=dev, generator=g) - cutout // 2
+        cx = torch.randint(0, w, (n, 1, 1, 1), device=dev, generator=g) - cutout // 2
         ys = torch.arange(h, device=dev)[None, None, :, None]
         xs = torch.arange(w, device=dev)[None, None, None, :]
-        hole = ((ys - cy).abs() <= cutout // 2) & ((xs - cx).abs() <= cutout // 2)
-        out = out.masked_fill(hole, 0)
+        hole = (ys >= cy) & (ys < cy + cutout) & (xs >= cx) & (xs < cx + cutout)
+        out = torch.where(hole, _mean_uint8(dev), out)  # the mean: 0 after normalisation, not a -2 sigma black
     return out
+
+
+def flips(n: int, seed: int, epoch: int, mode: str, device: torch.device) -> torch.Tensor | None:
+    """data.flip for every training image in one epoch: None for random (augment draws them per step), a bool mask
+    of n for alternate (a fixed random side per image, inverted on odd epochs) and none (all False)."""
+    if mode == "random":
+        return None
+    if mode == "none":
+        return torch.zeros(n, dtype=torch.bool, device=device)
+    first = torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.5  # the same in every process
+    return (first ^ bool(epoch % 2)).to(device)
+
+
+@functools.cache
+def _mean_uint8(device: torch.device) -> torch.Tensor:
+    """The dataset mean as uint8 pixel values (1, 3, 1, 1), made once per device (no host copy per step)."""
+    return torch.tensor([round(m * 255) for m in MEAN], dtype=torch.uint8, device=device).view(1, 3, 1, 1)
 
 
 @functools.cache

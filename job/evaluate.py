@@ -18,7 +18,7 @@ from job.checkpoint import CheckpointError
 from job.config import ConfigError
 from job.data import DataError, eval_shard, normalize
 from job.distributed import Runtime
-from senet import FlipAverage, senet
+from senet import senet, with_tta
 
 
 @dataclass
@@ -49,7 +49,8 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, runti
     """Score this rank's contiguous block of the set, then all-reduce loss sum and confusion counts.
 
     normalize_inputs=False passes the uint8 images as they are (models with their own normalisation).
-    tta="flip" scores the mean of the logits of each image and of its horizontal mirror.
+    tta="flip" scores the mean of the logits of each image and of its horizontal mirror; "multicrop" adds shifted
+    pairs (senet.MultiCropAverage).
     Returns None for an empty set. Every rank must call it (it is a collective).
     """
     if len(labels) == 0:
@@ -61,7 +62,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, runti
             dist.broadcast(buffer, src=0)
     was_training = model.training
     model.eval()
-    scorer = FlipAverage(model) if tta == "flip" else model
+    scorer = with_tta(model, tta)
     compiled = isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
     shard = eval_shard(len(labels), runtime.rank, runtime.world_size)
     x_all, y_all = images[shard], labels[shard]

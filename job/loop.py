@@ -9,9 +9,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from job import data
+from job import data, optim
+from job.averaging import EMA, Lookahead
 from job.config import Config
 from job.data import Splits
 from job.distributed import Runtime
@@ -33,6 +33,14 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" or native_bf16_cpu() else "fp32"
     return AUTOCAST[precision]
+
+
+def precision_warning(precision: str, device: torch.device) -> str | None:
+    """The warning for bf16 asked for by hand on a CPU that only emulates it (None where it is native or not asked)."""
+    if precision != "bf16" or device.type != "cpu" or native_bf16_cpu():
+        return None
+    return ("train.precision=bf16 on a CPU without native bf16 (no AVX512-BF16 or AMX): emulated, about 20x slower "
+            "than fp32 (5 vs ~100 images/s at full width, BENCHMARKS.md); train.precision=auto picks fp32 here")
 
 
 @dataclass(kw_only=True)
@@ -80,33 +88,28 @@ class Parts:
     train_model: nn.Module
     """The model as the training step calls it: DDP and/or compiled."""
     eval_model: nn.Module
-    """The model as evaluation calls it (the EMA's when train.ema_decay > 0): compiled or bare, never DDP."""
+    """The model as evaluation calls it (the EMA's when train.ema_mode=average): compiled or bare, never DDP."""
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
-    ema: AveragedModel | None = None
-    """The exponential moving average of the weights and BatchNorm buffers (train.ema_decay > 0)."""
+    ema: EMA | Lookahead | None = None
+    """The weight averaging of train.ema_decay (job/averaging.py)."""
 
     def state_dict(self) -> dict:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
-        if self.ema is not None:  # the averaged weights under the bare model's names, and how many steps they hold
-            state["ema"] = {"model": self.ema.module.state_dict(), "n_averaged": self.ema.n_averaged.clone()}
+        if self.ema is not None:  # "ema": the averaged weights under the bare model's names; "lookahead": slow ones
+            state[self.ema.state_key] = self.ema.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        optim.match_layout(self.optimizer)  # the buffers as this launch lays out the weights (train.channels_last)
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
-            self.ema.module.load_state_dict(state["ema"]["model"])
-            self.ema.n_averaged.copy_(state["ema"]["n_averaged"])
-
-
-def make_ema(model: nn.Module, decay: float) -> AveragedModel:
-    """torch's AveragedModel with the EMA update, averaging the BatchNorm buffers too (use_buffers)."""
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+            self.ema.load_state_dict(state[self.ema.state_key])
 
 
 def mixer(mixup_alpha: float, cutmix_alpha: float, num_classes: int = 10):
@@ -132,11 +135,12 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch
                clip_grad_norm: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward under autocast, loss, backward, (clipping,) optimizer step; returns (loss, logits) on the device.
 
-    y holds class indices, or class probabilities (N, classes) after MixUp / CutMix.
+    y holds class indices, or class probabilities (N, classes) after MixUp / CutMix: those are already soft, so
+    label smoothing applies to class indices only.
     """
     with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
         logits = model(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing if y.ndim == 1 else 0.0)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if clip_grad_norm:
@@ -145,6 +149,15 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch
     scaler.step(optimizer)
     scaler.update()
     return loss, logits
+
+
+def hits(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Correct predictions in a batch: for class indices a count; for MixUp / CutMix's soft labels the weight each
+    label gives the predicted class (a pair mixed 70/30 scores 0.7 for the first class, 0.3 for the second)."""
+    predicted = logits.argmax(1)
+    if target.ndim == 1:
+        return (predicted == target).sum()
+    return target.gather(1, predicted[:, None]).sum()
 
 
 def train_one_epoch(parts: Parts, splits: Splits, cfg: Config, runtime: Runtime, state: TrainState,
@@ -162,6 +175,8 @@ def train_one_epoch(parts: Parts, splits: Splits, cfg: Config, runtime: Runtime,
     steps = len(order) // per_rank
     dtype = autocast_dtype(t.precision, runtime.device)
     mix_fn = mixer(cfg.data.mixup_alpha, cfg.data.cutmix_alpha)
+    flips = data.flips(len(splits.train_y), t.seed, epoch, cfg.data.flip, runtime.device)
+    d = cfg.data
     # loss sum, correct, count: what earlier launches counted of this epoch (once, on rank 0), then this one's
     sums = torch.tensor(state.partial if runtime.is_main else [0.0] * 3, dtype=torch.float64, device=runtime.device)
     clock = tracker.step_clock()
@@ -170,7 +185,9 @@ def train_one_epoch(parts: Parts, splits: Splits, cfg: Config, runtime: Runtime,
         clock.mark()
         idx = order[step * per_rank:(step + 1) * per_rank]
         g = data.step_generator(t.seed, epoch, step, runtime.rank, runtime.device)
-        x = data.normalize(data.augment(splits.train_x[idx], g, cfg.data.cutout), t.channels_last)
+        x = data.augment(splits.train_x[idx], g, d.cutout, padding=d.crop_padding, pad_mode=d.pad_mode,
+                         flip=None if flips is None else flips[idx])
+        x = data.normalize(x, t.channels_last)
         y = target = splits.train_y[idx]
         if mix_fn is not None:
             x, target = mix(mix_fn, x, y, data.step_seed(t.seed, epoch, step, runtime.rank, stream=1))
@@ -178,13 +195,15 @@ def train_one_epoch(parts: Parts, splits: Splits, cfg: Config, runtime: Runtime,
                                   label_smoothing=t.label_smoothing, clip_grad_norm=t.clip_grad_norm)
         parts.scheduler.step()
         if parts.ema is not None:
-            parts.ema.update_parameters(parts.model)
+            parts.ema.update(epoch * steps + step + 1, t.epochs * steps)
         # in place on the device; no tensor made from a host number (on CUDA that would sync every step)
         sums[0] += loss.detach().double() * len(y)
-        sums[1] += (logits.argmax(1) == y).sum()  # against the unmixed labels
+        sums[1] += hits(logits, target)
         sums[2] += len(y)
         on_step(state, step + 1, steps, sums)
     clock.mark()
+    if parts.ema is not None:
+        parts.ema.end_epoch()
     tracker.log_steps(epoch, start, clock)
     dist.all_reduce(sums)
     loss_sum, correct, count = sums.tolist()

@@ -14,8 +14,9 @@ logits (N, 10): it carries its own normalisation, so `mlflow.pytorch.load_model(
 is usable as is. It is saved in the pickle format with the `senet` package as code, so it loads as a
 plain nn.Module (eval(), state_dict()) wherever torch and mlflow are installed. Beside it, in the same logged
 model's artifacts, lies the same network exported with torch.export (EXPORTED, batch size free): weights as raw
-tensor bytes, no pickled code, loadable with `torch.export.load(path).module()` where pickle is not trusted
-and where MLflow is not installed.
+tensor bytes, no pickled code, loadable with `torch.export.load(path).module()` where MLflow is not installed.
+torch.export.load trusts the archive (a tampered one can make it unpickle, eval or exec): job/exported.py
+checks one before it is loaded.
 """
 
 import random
@@ -35,12 +36,12 @@ EXPORTED = "extra_files/model.pt2"  # the torch.export copy, relative to the log
 
 
 def servable(weights: dict, model: dict, tta: str) -> nn.Sequential:
-    """A CPU copy of the trained network behind its input normalisation, in eval mode; with tta="flip" it
-    averages each image's logits with its mirror's, so it predicts exactly what the run's test_acc measured.
-    model is the config's model section as a dict (depth, width, reduction), as checkpoints hold it."""
+    """A CPU copy of the trained network behind its input normalisation and the run's test-time augmentation
+    (train.tta: flip, multicrop), in eval mode, so it predicts exactly what the run's test_acc measured.
+    model is the config's model section as a dict (depth, width, reduction, ...), as checkpoints hold it."""
     net = senet.senet(**model)
     net.load_state_dict(weights)  # a plain SENet, whatever wrapped it in training (SyncBatchNorm, compile)
-    return nn.Sequential(senet.Normalize(MEAN, STD), senet.FlipAverage(net) if tta == "flip" else net).eval()
+    return nn.Sequential(senet.Normalize(MEAN, STD), senet.with_tta(net, tta)).eval()
 
 
 def is_logged(source: str) -> bool:
@@ -79,7 +80,7 @@ def not_production(data: DataConfig) -> str | None:
         return f"data.source={data.source}"
     if data.train_subset is not None or data.test_subset is not None:
         return "a subset of CIFAR-10 (data.train_subset / data.test_subset)"
-    if data.val_size != DataConfig.val_size:
+    if data.val_size not in (DataConfig.val_size, 0):  # 0: a final fit on every image, registered unpromoted
         return f"data.val_size={data.val_size}, not the standard {DataConfig.val_size}-image validation split"
     return None
 
@@ -107,22 +108,25 @@ def log_and_register(mlflow, weights: dict, example: torch.Tensor, *, cfg: Confi
             return line
         # registered, then stopped before the gate: the gate now
         return line + "; " + gate(client, name, version.version, val_acc, cfg, tags["data_fingerprint"])
-    wrapped = servable(weights, cfg.to_dict()["model"], cfg.train.tta)
-    example = example[:4].cpu()
-    with torch.no_grad():
-        output = wrapped(example)
-    with tempfile.TemporaryDirectory() as tmp:
-        exported = Path(tmp) / Path(EXPORTED).name
-        if cfg.mlflow.export_pt2:
-            export(wrapped, example, exported)
-        info = mlflow.pytorch.log_model(
-            wrapped, name="model", serialization_format="pickle", code_paths=[str(Path(senet.__file__).parent)],
-            extra_files=[str(exported)] if cfg.mlflow.export_pt2 else None,
-            signature=infer_signature(example.numpy(), output.numpy()), input_example=example.numpy(),
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"])
+    model_uri = logged_model(client, run_id)  # logged, then killed before its version: registered as it is
+    if model_uri is None:
+        wrapped = servable(weights, cfg.to_dict()["model"], cfg.train.tta)
+        example = example[:4].cpu()
+        with torch.no_grad():
+            output = wrapped(example)
+        with tempfile.TemporaryDirectory() as tmp:
+            exported = Path(tmp) / Path(EXPORTED).name
+            if cfg.mlflow.export_pt2:
+                export(wrapped, example, exported)
+            model_uri = mlflow.pytorch.log_model(
+                wrapped, name="model", serialization_format="pickle", code_paths=[str(Path(senet.__file__).parent)],
+                extra_files=[str(exported)] if cfg.mlflow.export_pt2 else None,
+                signature=infer_signature(example.numpy(), output.numpy()), input_example=example.numpy(),
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
+            ).model_uri
     version_tags = {"val_acc": "" if val_acc is None else str(val_acc), "test_acc": str(test_acc),  # exact
                     "run_id": run_id, **tags}
-    version = mlflow.register_model(info.model_uri, name, tags=version_tags).version  # tags in the same call
+    version = mlflow.register_model(model_uri, name, tags=version_tags).version  # tags in the same call
     client.update_model_version(name, version, description=(
         f"SENet{cfg.model.depth} width {cfg.model.width} on {cfg.data.source} (data {tags['data_fingerprint']}, "
         f"recipe {tags['config_hash']}): val_acc {version_tags['val_acc'] or '-'}, test_acc {test_acc:.4f}; "
@@ -131,6 +135,15 @@ def log_and_register(mlflow, weights: dict, example: torch.Tensor, *, cfg: Confi
     line = gate(client, name, version, val_acc, cfg, tags["data_fingerprint"])
     reason = not_production(cfg.data)
     return line + (f" (under {name}, not {cfg.mlflow.registered_model}: {reason})" if reason else "")
+
+
+def logged_model(client, run_id: str) -> str | None:
+    """The URI of the model ("model") this run logged completely (READY), if it has one: a launch killed between
+    logging and registering left it, and the relaunch registers it rather than logging a second."""
+    experiment = client.get_run(run_id).info.experiment_id
+    found = client.search_logged_models(experiment_ids=[experiment], filter_string=f"source_run_id = '{run_id}'")
+    ready = [m for m in found if m.name == "model" and m.status == "READY"]
+    return ready[0].model_uri if ready else None
 
 
 GATE_TRIES = 3

@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 
 from job import cli
-from job.cli import first_line
 from job.checkpoint import CheckpointError
 from job.clock import StepClock
 from job.config import Config, redact
 from job.distributed import Runtime, all_agree
 from job.provenance import run_tags
+from job.store import DISK_FULL, quiet_reports, reason, store_lock
 
 DEFAULT_STORE = "mlflow.db"
 
@@ -72,6 +72,8 @@ class Tracker:
         self.run_id: str | None = None
         self.tags: dict[str, str] = {}  # the run's tags (run_tags), set when the run opens
         self.pending: list[dict] = []  # records not yet accepted by the tracking server
+        self.held: list[dict] = []  # epoch records that wait for a checkpoint on disk before they go to MLflow
+        self.logged: set[int] = set()  # the epochs the reopened MLflow run already holds
         self.offline_warned = False
         self.retry_at, self.backoff_s = 0.0, BACKOFF_S[0]  # after a failed send, no new try before retry_at
         self.flushed = None  # None: not tried; True/False: whether the one bounded end-of-run flush got through
@@ -93,8 +95,10 @@ class Tracker:
         """A tqdm bar around iterable on rank 0 when stdout is a terminal; the iterable itself otherwise."""
         if not (self.active and sys.stdout.isatty()):
             return iterable
-        from tqdm import tqdm
-
+        try:
+            from tqdm import tqdm
+        except ImportError:  # optional: a bar is for a person watching, training does not need it
+            return iterable
         return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
     def step_clock(self) -> StepClock:
@@ -140,23 +144,25 @@ class Tracker:
         fail_fast()
         import mlflow
 
+        quiet_reports()
         uri = tracking_uri(self.cfg.mlflow.tracking_uri)
         if redact(uri) != uri:
             raise TrackingError(f"MLflow tracking URI {redact(uri)} holds a password: set MLFLOW_TRACKING_USERNAME "
                                 f"and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead")
         try:
             mlflow.set_tracking_uri(uri)
-            client = mlflow.MlflowClient()
-            client.search_experiments(max_results=1)
+            with store_lock(uri):  # this first use creates (or migrates) a new sqlite store
+                client = mlflow.MlflowClient()
+                client.search_experiments(max_results=1)
         except Exception as e:
-            raise TrackingError(f"MLflow tracking URI {redact(uri)} cannot be used: {first_line(e)}") from None
+            raise TrackingError(f"MLflow tracking URI {redact(uri)} cannot be used: {reason(e)}") from None
         # its id, passed on explicitly: when two jobs create the experiment at once, MLflow's set_experiment
         # returns it from the losing side without making it active, and start_run would use "Default"
         name = self.cfg.mlflow.experiment
         try:
             experiment = mlflow.set_experiment(name)
         except Exception as e:  # deleted (MLflow keeps the name until it is purged), or refused
-            raise TrackingError(f"MLflow experiment {name!r} cannot be used: {first_line(e)} (restore it, or choose "
+            raise TrackingError(f"MLflow experiment {name!r} cannot be used: {reason(e)} (restore it, or choose "
                                 f"another mlflow.experiment)") from None
         if run_id is not None:
             try:
@@ -183,6 +189,7 @@ class Tracker:
         mlflow.set_tags(self.tags)
         sent = {m.step for m in client.get_metric_history(self.run_id, "train_loss")} if run_id else set()
         self.pending = [r for r in history if r["epoch"] not in sent]  # lost when the server was away
+        self.logged = sent
         self._send()
         self.info(f"mlflow: run {self.run_id} in experiment {self.cfg.mlflow.experiment!r} at {redact(uri)}")
 
@@ -202,8 +209,11 @@ class Tracker:
                     self.mlflow.log_metrics(metrics, step=record["epoch"])
             except Exception as e:
                 if not self.offline_warned:
-                    self.warn(f"MLflow unreachable ({first_line(e)}); training goes on, metrics.jsonl keeps every "
-                              f"epoch, and they are sent when the server is back")
+                    why = reason(e)
+                    self.warn("MLflow store cannot be written (disk full); training goes on, metrics.jsonl keeps "
+                              "every epoch, and they are sent when it can be written again" if why == DISK_FULL else
+                              f"MLflow unreachable ({why}); training goes on, metrics.jsonl keeps every epoch, and "
+                              f"they are sent when the server is back")
                     self.offline_warned = True
                 self.retry_at = time.monotonic() + self.backoff_s
                 self.backoff_s = min(self.backoff_s * 2, BACKOFF_S[1])
@@ -215,8 +225,10 @@ class Tracker:
                 self.offline_warned = False
         return True
 
-    def log_epoch(self, record: dict, epochs: int, eta_s: float) -> None:
-        """One epoch: a progress line, a metrics.jsonl line, and MLflow metrics at step=epoch."""
+    def log_epoch(self, record: dict, epochs: int, eta_s: float, durable: int | None = None) -> None:
+        """One epoch: a progress line, a metrics.jsonl line, and MLflow metrics at step=epoch once a checkpoint
+        holding it is on disk (durable: the epochs the newest one on disk holds; None: send now), since a resume
+        trains again, and would log again, an epoch that no checkpoint holds (checkpointed() sends the rest)."""
         if not self.active:
             return
         val = "-" if record["val_acc"] is None else f"{record['val_acc']:.4f}"
@@ -227,8 +239,18 @@ class Tracker:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.mlflow:
-            self.pending.append(record)
-            self._send()
+            self.held.append(record)
+            self.checkpointed(durable)
+
+    def checkpointed(self, durable: int | None) -> None:
+        """The newest checkpoint on disk holds the first `durable` epochs (None: all): those held go to MLflow,
+        except any the reopened run already has (a resume from an older checkpoint trained them again)."""
+        if not self.mlflow:
+            return
+        ready = [r for r in self.held if durable is None or r["epoch"] < durable]
+        self.held = self.held[len(ready):]  # in epoch order: the ready ones lead
+        self.pending += [r for r in ready if r["epoch"] not in self.logged]
+        self._send()
 
     def log_step_metrics(self, metrics: dict, step: int) -> None:
         """Metrics at a step axis (mlflow.log_every_steps): one short try, skipped while the server is backed
@@ -259,6 +281,9 @@ class Tracker:
         except OSError as e:  # a full disk fails here as it does for a checkpoint: one line
             raise CheckpointError(f"cannot write the figures in {out}: {e.strerror or e}; the checkpoints and "
                                   f"metrics.jsonl are intact") from None
+        except ImportError as e:  # matplotlib is optional (a GPU image with torch alone): the records hold it all
+            self.warn(f"no figures: {e.name or 'matplotlib'} is not installed (pip install matplotlib)")
+            figures = []
         artifacts = [out / "config.yaml", self.metrics_path, *figures, checkpoint]
         profile = out / "profile"  # train.profile's traces and op tables, every rank's on a shared out_dir
         if not self.mlflow:
@@ -267,13 +292,18 @@ class Tracker:
             self.lost.append("the final metrics and artifacts")
             return
         try:
-            self.mlflow.log_metrics({k: v for k, v in record.items() if isinstance(v, (int, float))})
+            # only what the run lacks: a relaunch after a kill at the end (registration, say) must not log test_acc
+            # twice; artifacts are files at fixed paths, logged again as they are
+            logged = self.mlflow.get_run(self.run_id).data.metrics
+            metrics = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in logged}
+            if metrics:
+                self.mlflow.log_metrics(metrics)
             for path in artifacts:
                 self.mlflow.log_artifact(str(path))
             if profile.is_dir():
                 self.mlflow.log_artifacts(str(profile), artifact_path="profile")
         except Exception as e:
-            self.warn(f"MLflow: could not log the final metrics and artifacts ({first_line(e)}); "
+            self.warn(f"MLflow: could not log the final metrics and artifacts ({reason(e)}); "
                       f"they are in {out}")
             self.lost.append("the final metrics and artifacts")
 
@@ -314,7 +344,7 @@ class Tracker:
                                                    "config_hash": self.tags["config_hash"],
                                                    "data_fingerprint": fingerprint(splits)})
         except Exception as e:
-            self.warn(f"MLflow: registering the model failed ({first_line(e)}); best.pt is in {self.cfg.train.out_dir}")
+            self.warn(f"MLflow: registering the model failed ({reason(e)}); best.pt is in {self.cfg.train.out_dir}")
             self.lost.append("the registered model")
             return
         self.info(line)
@@ -331,7 +361,7 @@ class Tracker:
             with _environ(QUICK):
                 self.mlflow.end_run(status=status)
         except Exception as e:
-            self.warn(f"MLflow: could not mark run {self.run_id} {status} ({first_line(e)})")
+            self.warn(f"MLflow: could not mark run {self.run_id} {status} ({reason(e)})")
             self.lost.append(f"the run's {status} status")
 
     @property

@@ -5,7 +5,8 @@
 
 run() reads top to bottom: check the launch, build what is trained, the epoch loop, finish. Checkpoints are
 written by Checkpointer.save (after each epoch in train_epochs, and inside epochs in StepEnd), stop signals are
-checked in StepEnd (every step) and at each epoch's end, metrics go out through Tracker.log_epoch / log_final.
+checked in StepEnd (every train.stop_check_every_steps steps) and at each epoch's end, metrics go out through
+Tracker.log_epoch / log_final.
 """
 
 import argparse
@@ -30,7 +31,8 @@ from job.data import DataError, Splits
 from job.distributed import LaunchError, Runtime
 from job.evaluate import Scores, evaluate
 from job.outdir import OutDirError
-from job.loop import Parts, TrainState, autocast_dtype, make_ema, train_one_epoch
+from job import averaging
+from job.loop import Parts, TrainState, autocast_dtype, precision_warning, train_one_epoch
 from job.optim import build_optimizer, build_scheduler
 from job.preemption import PREEMPTED_EXIT_CODE, Preempted, StopSignal
 from job.progress import Progress
@@ -132,11 +134,18 @@ def use_sync_bn(setting: str | bool, per_rank_batch: int, runtime: Runtime) -> b
     return bool(setting)
 
 
-def build(cfg: Config, runtime: Runtime, steps: int, saved: dict | None) -> Parts:
-    """Model, EMA, optimizer, scheduler and scaler (loaded from saved when resuming), then DDP and compile."""
+WHITEN_IMAGES = 5000  # train.whiten_stem's sample: airbench's; the 3x3 patch covariance settles long before
+
+
+def build(cfg: Config, runtime: Runtime, steps: int, saved: dict | None,
+          train_images: torch.Tensor | None = None) -> Parts:
+    """Model, EMA, optimizer, scheduler and scaler (loaded from saved when resuming), then DDP and compile.
+    train_images (uint8, on the device) are what train.whiten_stem initialises the stem from."""
     t = cfg.train
     torch.manual_seed(t.seed)
     model = senet(**dataclasses.asdict(cfg.model)).to(runtime.device)
+    if t.whiten_stem and not saved and train_images is not None:  # the same images on every rank: the same stem
+        model.whiten_stem_(data.normalize(train_images[:WHITEN_IMAGES]))
     if use_sync_bn(t.sync_bn, t.batch_size // runtime.world_size, runtime):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameter and buffer names
     if t.channels_last:
@@ -144,21 +153,26 @@ def build(cfg: Config, runtime: Runtime, steps: int, saved: dict | None) -> Part
     optimizer = build_optimizer(model, t)
     parts = Parts(model, model, model, optimizer, build_scheduler(optimizer, t, steps),
                   torch.amp.GradScaler(runtime.device.type, enabled=t.precision == "fp16"),
-                  ema=make_ema(model, t.ema_decay) if t.ema_decay else None)
+                  ema=averaging.build(model, t.ema_decay, t.ema_mode, t.ema_every_steps))
     if saved:
         parts.load_state_dict(saved)
         torch.set_rng_state(saved["rng"]["torch"])
     if runtime.world_size > 1:
         # static_graph: every parameter is used in every step, the graph never changes; but not under compile,
-        # whose DDPOptimizer (graph breaks at bucket boundaries) has known failures with static_graph
+        # whose DDPOptimizer (graph breaks at bucket boundaries) has known failures with static_graph.
+        # broadcast_buffers=False: no broadcast of the BatchNorm statistics before every forward; training-mode
+        # BatchNorm normalises with the batch's own, and evaluation broadcasts rank 0's (the checkpoint's) itself
         parts.train_model = DistributedDataParallel(
             model, device_ids=[runtime.device] if runtime.device.type == "cuda" else None,
-            gradient_as_bucket_view=True, static_graph=not t.compile, bucket_cap_mb=t.bucket_mb)
+            gradient_as_bucket_view=True, static_graph=not t.compile, bucket_cap_mb=t.bucket_mb,
+            broadcast_buffers=False)
         if t.grad_compression == "bf16":
             parts.train_model.register_comm_hook(None, default_hooks.bf16_compress_hook)
-    parts.eval_model = parts.ema.module if parts.ema is not None else model
+    parts.eval_model = parts.ema.module if isinstance(parts.ema, averaging.EMA) else model
     if t.compile:
-        parts.train_model, parts.eval_model = torch.compile(parts.train_model), torch.compile(parts.eval_model)
+        # static shapes: evaluation's other batch size compiles a graph of its own, not a symbolic-batch one
+        parts.train_model = torch.compile(parts.train_model, dynamic=False)
+        parts.eval_model = torch.compile(parts.eval_model, dynamic=False)
     return parts
 
 
@@ -174,7 +188,7 @@ class StepEnd:
     def __call__(self, state: TrainState, step: int, steps: int, sums: torch.Tensor) -> None:
         for hook in self.hooks:
             hook(state, step, steps, sums)
-        stopping = self.stop.requested()  # a collective: every rank gets the same answer at the same step
+        stopping = self.stop.requested(step)  # a collective: every rank gets the same answer at the same step
         if stopping or (self.every_steps and step % self.every_steps == 0 and step < steps):
             totals = sums.clone()
             dist.all_reduce(totals)
@@ -228,11 +242,14 @@ def train_epochs(parts: Parts, splits: Splits, cfg: Config, runtime: Runtime, st
             if checkpoint_due(epoch, end, t.checkpoint_every_epochs, best=best, stopping=stopping):
                 checkpoints.save(parts, state, best=best)  # before logging: the checkpoint is what a resume trusts
             per_epoch = (time.perf_counter() - started) / (epoch + 1 - first)
-            tracker.log_epoch(metrics, t.epochs, eta_s=per_epoch * (t.epochs - epoch - 1))
+            # to MLflow once a checkpoint on disk holds it: a resume trains again what none holds
+            tracker.log_epoch(metrics, t.epochs, eta_s=per_epoch * (t.epochs - epoch - 1), durable=checkpoints.durable)
             if stopping:
                 checkpoints.wait()
+                tracker.checkpointed(checkpoints.durable)
                 raise Preempted(f"{stop.received or 'a stop signal on another rank'} at the end of epoch {epoch + 1}")
     checkpoints.wait()
+    tracker.checkpointed(checkpoints.durable)
     if end < t.epochs:
         tracker.info(f"stopped after epoch {end} of {t.epochs} (train.stop_after_epochs); "
                      f"run again with train.resume=auto to continue")
@@ -243,9 +260,12 @@ def train_epochs(parts: Parts, splits: Splits, cfg: Config, runtime: Runtime, st
 def finish(parts: Parts, splits: Splits, cfg: Config, runtime: Runtime, state: TrainState, tracker: Tracker,
            checkpoints: Checkpointer) -> dict:
     """Score the best model on the test set once, log the final record, register the model; returns the record."""
+    repaired = checkpoints.check_best(state.best_epoch)  # best.pt is the epoch the state names, or nothing is tested
+    if repaired:
+        tracker.warn(repaired)
     dist.barrier()  # best.pt is complete before any rank reads it
     best = checkpoint.load(checkpoints.best)
-    (parts.ema.module if parts.ema is not None else parts.model).load_state_dict(checkpoint.weights(best))
+    (parts.ema.module if isinstance(parts.ema, averaging.EMA) else parts.model).load_state_dict(checkpoint.weights(best))
     test = score(parts, splits.test_x, splits.test_y, cfg, runtime)
     final = {"test_acc": test.accuracy, "test_loss": test.loss, "best_epoch": state.best_epoch,
              "best_val_acc": state.best_val_acc, "test_images": test.count}
@@ -268,6 +288,14 @@ def run(cfg: Config, runtime: Runtime, config_path: str | None) -> bool:
         ownership.release()
 
 
+def resume_note(path: Path | str, state: TrainState, epochs: int) -> str:
+    """Where a resume goes on: an epoch and step, or, when every epoch is done (a launch stopped in the test or the
+    registration), only the end of the run."""
+    if state.epoch >= epochs:
+        return f"resuming {path}: all {epochs} epochs done; testing and registering"
+    return f"resuming {path} at epoch {state.epoch + 1} step {state.step}"
+
+
 def train_out_dir(cfg: Config, runtime: Runtime, config_path: str | None) -> bool:
     """Resume or start the run in out_dir (owned by this launch), train it, test and register the best model.
     Returns whether everything meant for MLflow reached it (rank 0 knows; the others say True)."""
@@ -288,18 +316,31 @@ def train_out_dir(cfg: Config, runtime: Runtime, config_path: str | None) -> boo
     tracker.info(f"senet-job: world_size {runtime.world_size}  nodes {runtime.num_nodes} "
                  f"({distributed.layout(runtime)})  backend {runtime.backend}  device {runtime.device}  "
                  f"config {config_path or '(defaults)'}  out_dir {t.out_dir}"
-                 + (f"  resuming {resume_path} at epoch {state.epoch + 1} step {state.step}" if saved else ""))
+                 + (f"  {resume_note(resume_path, state, t.epochs)}" if saved else ""))
+    slow_precision = precision_warning(t.precision, runtime.device)
+    if slow_precision:
+        tracker.warn(slow_precision)
     resized = saved and checkpoint.world_size_change(saved, runtime.world_size, t.batch_size, steps)
     if resized:
         tracker.info(resized)
     if changes:
         tracker.info(f"resume: this launch changes {', '.join(changes)}; they apply from here on "
                      f"(config.yaml and the next checkpoint hold them)")
-    parts = build(cfg, runtime, steps, saved)
+    parts = build(cfg, runtime, steps, saved, splits.train_x)
     checkpoints = Checkpointer(t.out_dir, runtime, cfg.to_dict())
+    if foreign and not (resume_path.parent / "best.pt").is_file() and \
+            checkpoint.epoch_held(resume_path) != state.best_epoch:
+        # a checkpoint copied without its best.pt: the best epoch's weights stayed behind, so the best so far starts
+        # again here rather than naming weights that are not on this disk
+        tracker.warn(f"{resume_path} came without the best.pt beside it (epoch {(state.best_epoch or 0) + 1}'s "
+                     f"weights): the best so far is forgotten; the next epoch's validation sets best.pt")
+        state.best_val_acc = state.best_epoch = None
     if foreign:
         checkpoints.adopt_best(resume_path)  # the best weights so far came with the checkpoint
-    stop = StopSignal(t.stop_signals, runtime.backend)
+    repaired = checkpoints.check_best(state.best_epoch, resume_path)  # before training can make a new best
+    if repaired:
+        tracker.warn(repaired)
+    stop = StopSignal(t.stop_signals, runtime.backend, t.stop_check_every_steps)
     tracker.stop = stop
 
     state.mlflow_run_id = tracker.open(state.history, state.mlflow_run_id)

@@ -51,6 +51,8 @@ class SENet(nn.Module):
         width: int = 64,
         reduction: int = 16,
         num_classes: int = 10,
+        bn_momentum: float = 0.1,
+        zero_init_residual: bool = False,
     ):
         super().__init__()
         self.num_classes = num_classes
@@ -62,6 +64,27 @@ class SENet(nn.Module):
         self.layer3 = self._make_layer(4 * width, blocks_per_stage[2], 2, reduction)
         self.layer4 = self._make_layer(8 * width, blocks_per_stage[3], 2, reduction)
         self.linear = nn.Linear(8 * width, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = bn_momentum  # torch's meaning: the weight of each new batch in the running statistics
+        if zero_init_residual:  # each block starts as its shortcut (Goyal et al.; torchvision's option of this name)
+            for block in self.modules():
+                if isinstance(block, BasicBlock):
+                    nn.init.zeros_(block.bn2.weight)
+
+    @torch.no_grad()
+    def whiten_stem_(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+        """Initialise conv1 from the eigenvectors of the 3x3 patch covariance of images (normalised float,
+        (N, 3, H, W)), each scaled by 1/sqrt(eigenvalue), as a pair +v / -v, strongest first; filters beyond the
+        patch dimensions keep their initialisation (airbench's whitening, for this stem's shape)."""
+        weight = self.conv1.weight
+        c, k = weight.shape[1], weight.shape[2]
+        patches = images.float().unfold(2, k, 1).unfold(3, k, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k)
+        covariance = patches.T @ patches / len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending
+        filters = (eigenvectors.T / torch.sqrt(eigenvalues.clamp(min=0) + eps)[:, None]).flip(0)
+        pairs = torch.stack([filters, -filters], 1).reshape(-1, c, k, k)[:len(weight)]
+        weight[:len(pairs)] = pairs.to(weight)
 
     def _make_layer(self, out_channels: int, blocks: int, stride: int, reduction: int) -> nn.Sequential:
         layers = []
@@ -100,11 +123,38 @@ class FlipAverage(nn.Module):
         return (self.model(x).float() + self.model(x.flip(3)).float()) / 2
 
 
-def senet(depth: int = 18, *, width: int = 64, reduction: int = 16, num_classes: int = 10) -> SENet:
+class MultiCropAverage(nn.Module):
+    """Flip and shift test-time augmentation (airbench's level 2): half the weight on the image and its mirror,
+    a quarter each on the pair shifted one pixel up-left and the pair shifted down-right (reflect-padded).
+    Takes normalised float images."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.flips = FlipAverage(model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        shifted = self.flips(padded[..., :-2, :-2]) + self.flips(padded[..., 2:, 2:])
+        return 0.5 * self.flips(x) + 0.25 * shifted
+
+
+TTA = ("none", "flip", "multicrop")
+
+
+def with_tta(model: nn.Module, tta: str) -> nn.Module:
+    """model behind the test-time augmentation tta names: none, flip (FlipAverage) or multicrop (MultiCropAverage)."""
+    if tta not in TTA:
+        raise ValueError(f"tta must be one of {TTA}, got {tta!r}")
+    return {"none": lambda m: m, "flip": FlipAverage, "multicrop": MultiCropAverage}[tta](model)
+
+
+def senet(depth: int = 18, *, width: int = 64, reduction: int = 16, num_classes: int = 10,
+          bn_momentum: float = 0.1, zero_init_residual: bool = False) -> SENet:
     """SENet of the given depth (18 or 34)."""
     if depth not in BLOCKS_PER_STAGE:
         raise ValueError(f"depth must be one of {sorted(BLOCKS_PER_STAGE)}, got {depth}")
-    return SENet(BLOCKS_PER_STAGE[depth], width=width, reduction=reduction, num_classes=num_classes)
+    return SENet(BLOCKS_PER_STAGE[depth], width=width, reduction=reduction, num_classes=num_classes,
+                 bn_momentum=bn_momentum, zero_init_residual=zero_init_residual)
 
 
 def senet18(**kwargs) -> SENet:

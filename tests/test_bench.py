@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from bench import baseline, report, seed, steps
 from bench.child import run_child
@@ -74,7 +73,8 @@ def test_ratios_and_the_fastest_mode_come_from_the_parts():
 
 
 def test_quick_run_writes_every_section_with_positive_figures(tmp_path):
-    """Every part but bare_step and job, which the GPU check's CPU mode runs through the same harness (below);
+    """Every part but bare_step and job, which the GPU check's CPU mode runs through the same harness
+    (tests/test_gpu_check.py);
     the ratios between parts are checked on given figures (above)."""
     out = tmp_path / "bench.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -134,20 +134,27 @@ def test_recipes_trains_each_arm_and_seed_and_reports_mean_and_std(tmp_path):
     assert "| w32-base | 0 of 2 | - |" in cut.stdout
 
 
-def test_gpu_check_runs_every_part_end_to_end_in_cpu_quick_mode(tmp_path):
-    """bench/gpu_check.py as CI can run it: CUDA tests (skipped here), the step's sync audit, the bench harness."""
-    out = tmp_path / "check.json"
-    done = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--device", "cpu", "--quick", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=400,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+def test_every_arm_of_every_plan_is_a_valid_config():
+    """A typo in an arm would fail its runs on the device, minutes into a 15-minute lease: checked here instead."""
+    from bench import recipes
+    from job import config
+
+    for name in recipes.PLANS:
+        for run in recipes.plan([name]):
+            path, overrides = (run.args[1], run.args[2:]) if run.args[:1] == ["--config"] else (None, run.args)
+            config.load(str(ROOT / path) if path else None, overrides)
+    arms = {run.arm for run in recipes.plan(["methods"])}
+    assert {f"fast-{arm}" for arm in recipes.METHODS} == arms and len(recipes.plan(["methods"])) == 3 * len(arms)
+    assert {run.arm for run in recipes.plan(["proxy"])} == {f"proxy-{arm}" for arm in recipes.PROXY_ARMS}
+
+
+def test_the_device_script_runs_its_accuracy_plan_in_tiny_cpu_mode(tmp_path):
+    """bench/device.sh as a lent GPU runs it, at a CPU's size: the plan's arms train, the summary lands in $OUT."""
+    done = subprocess.run(["bash", "bench/device.sh"], cwd=ROOT, capture_output=True, text=True, timeout=400,
+                          env={**os.environ, "TINY": "1", "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    summary = json.loads(out.read_text())
-    assert summary["machine"]["device"] == "cpu" and summary["failed"] == []
-    assert summary["cuda_tests"]["ok"] and "skipped" in summary["cuda_tests"]["summary"]
-    assert summary["sync_audit"]["ok"] and summary["sync_audit"]["steps"] == 4
-    assert summary["bench"]["job_images_per_sec"]["eager"] > 0 and summary["bench"]["bare_step_images_per_sec"]["eager"] > 0
-    assert done.stdout.strip().splitlines()[-1] == f"gpu_check: all parts passed; summary in {out}"
-    if not torch.cuda.is_available():
-        refused = subprocess.run([sys.executable, "-m", "bench.gpu_check"], cwd=ROOT, capture_output=True, text=True,
-                                 timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        assert refused.returncode == 2 and refused.stderr.strip().startswith("error: --device cuda but CUDA is not")
+    runs = json.loads((tmp_path / "recipes-summary.json").read_text())["runs"]
+    assert {(r["arm"], r["status"]) for r in runs} == {
+        ("fast-base", "finished"), ("fast-lookahead", "finished"), ("default-60ep", "finished")}
+    config = (tmp_path / "recipes" / "runs" / "fast-lookahead-s0" / "config.yaml").read_text()
+    assert "ema_mode: lookahead" in config and "epochs: 1" in config  # the arm's key, the tiny override's size

@@ -62,7 +62,7 @@ CHOICES = [(f"{section.name}.{f.name}", typing.get_args(f.type))
 def test_the_choice_fields_are_literals():
     assert {key for key, _ in CHOICES} == {"model.depth", "data.source", "train.schedule", "train.precision",
                                           "train.grad_compression", "train.device", "train.tta", "train.sync_bn",
-                                          "train.profile_ranks"}
+                                          "train.profile_ranks", "data.pad_mode", "data.flip", "train.ema_mode"}
 
 
 @pytest.mark.parametrize("key,options", CHOICES, ids=[key for key, _ in CHOICES])

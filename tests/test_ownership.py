@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from job import config, outdir
-from tests.conftest import TINY, kill_tree, read_metrics, run_job, start_job, wait_until
+from tests.conftest import TINY, kill_tree, load_ckpt, read_metrics, run_job, start_job, wait_until
 
 LONG = [*TINY, "train.epochs=40"]
 
@@ -96,17 +96,35 @@ def test_a_new_out_dir_that_began_from_another_runs_checkpoint_goes_on_from_its_
     """The same command again (a requeue) continues the new out_dir, not the checkpoint it began from; a run that
     never beats the source's best validation accuracy still has best.pt to test (the source's)."""
     source, out = tmp_path / "source", tmp_path / "out"
-    assert run_job([*TINY, "train.epochs=3", f"train.out_dir={source}"], timeout=120).returncode == 0
-    longer = tmp_path / "longer"  # one more epoch at the end of a cosine schedule: no new best
-    more = run_job([*TINY, "train.epochs=4", f"train.out_dir={longer}", f"train.resume={source}/checkpoints/last.pt"],
+    assert run_job([*TINY, "train.epochs=4", f"train.out_dir={source}"], timeout=120).returncode == 0
+    assert read_metrics(source)[-1]["best_val_acc"] == 1.0  # nothing can beat it (3 epochs' 0.992 was, on some CPUs)
+    longer = tmp_path / "longer"  # one more epoch: no new best
+    more = run_job([*TINY, "train.epochs=5", f"train.out_dir={longer}", f"train.resume={source}/checkpoints/last.pt"],
                    timeout=120)
     assert more.returncode == 0, more.stderr[-2000:]
     assert (longer / "checkpoints" / "best.pt").read_bytes() == (source / "checkpoints" / "best.pt").read_bytes()
-    args = [*TINY, "train.epochs=5", f"train.out_dir={out}", f"train.resume={source}/checkpoints/last.pt"]
+    args = [*TINY, "train.epochs=6", f"train.out_dir={out}", f"train.resume={source}/checkpoints/last.pt"]
     first = run_job([*args, "train.stop_after_epochs=1"], timeout=180)
-    assert first.returncode == 0 and f"resuming {source}/checkpoints/last.pt at epoch 4 step 0" in first.stdout
+    assert first.returncode == 0 and f"resuming {source}/checkpoints/last.pt at epoch 5 step 0" in first.stdout
     again = run_job(args, timeout=180)
-    assert again.returncode == 0 and f"resuming {out}/checkpoints/last.pt at epoch 5 step 0" in again.stdout
+    assert again.returncode == 0 and f"resuming {out}/checkpoints/last.pt at epoch 6 step 0" in again.stdout
+
+
+def test_a_checkpoint_copied_without_its_best_pt_forgets_the_best_instead_of_naming_missing_weights(tmp_path):
+    """last.pt alone, copied from a run whose best epoch was an earlier one: best.pt here would have to be a
+    checkpoint that is not the best epoch's, so the best so far starts again (one warning) and the run ends
+    testing weights whose validation accuracy it measured."""
+    source, copy, out = tmp_path / "source", tmp_path / "copy", tmp_path / "out"
+    assert run_job([*TINY, "train.epochs=4", f"train.out_dir={source}"], timeout=120).returncode == 0
+    copy.mkdir()
+    (copy / "last.pt").write_bytes((source / "checkpoints" / "last.pt").read_bytes())  # epoch 4; best was 3
+    done = run_job([*TINY, "train.epochs=5", f"train.out_dir={out}", f"train.resume={copy / 'last.pt'}"], timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"warning: {copy / 'last.pt'} came without the best.pt beside it (epoch 3's weights): the best so far " \
+           f"is forgotten; the next epoch's validation sets best.pt" in done.stderr
+    final = read_metrics(out)[-1]
+    assert final["best_epoch"] == 4  # the one epoch validated since
+    assert load_ckpt(out / "checkpoints" / "best.pt")["train_state"]["epoch"] == 5
 
 
 @pytest.mark.parametrize("extra,says", [

@@ -10,7 +10,9 @@ from job import checkpoint, config
 from job.config import ConfigError
 from job.distributed import Runtime
 from job.evaluate import evaluate
-from job.loop import autocast_dtype, make_ema, mix, mixer, native_bf16_cpu, train_step
+from job import averaging
+from job.averaging import EMA, Lookahead
+from job.loop import autocast_dtype, mix, mixer, native_bf16_cpu, train_step
 from job.train import use_sync_bn
 from senet import senet18
 from tests.conftest import COMMON, assert_same_as, load_ckpt, read_metrics, run_job
@@ -28,22 +30,53 @@ def group():
     dist.destroy_process_group()
 
 
-def test_ema_averages_weights_and_batchnorm_buffers():
+def test_ema_averages_weights_and_batchnorm_buffers_with_a_warmed_up_decay():
     model = senet18(width=4)
-    ema = make_ema(model, decay=0.5)
-    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    ema = EMA(model, decay=0.9, every=2)
+    start = {k: v.clone() for k, v in ema.module.state_dict().items()}
     with torch.no_grad():
         model.linear.weight.add_(1.0)
         model.bn1.running_mean.add_(2.0)
-    ema.update_parameters(model)  # the first update copies
-    ema.update_parameters(model)  # then 0.5 * ema + 0.5 * model: equal again for these, since ema == model
+        model.bn1.num_batches_tracked.fill_(7)
+    ema.update(1, 100)  # not an update step (every 2)
+    assert torch.equal(ema.module.linear.weight, start["linear.weight"])
+    ema.update(2, 100)  # the first update: decay min(0.9, 1/10) = 0.1, so 90% of the way to the model
+    assert torch.allclose(ema.module.linear.weight, start["linear.weight"] + 0.9)
+    assert torch.allclose(ema.module.bn1.running_mean, start["bn1.running_mean"] + 1.8)  # buffers too
+    assert int(ema.module.bn1.num_batches_tracked) == 7  # integer buffers are copied, not averaged
+    assert ema.rate(0) == pytest.approx(0.1) and ema.rate(10) == pytest.approx(11 / 20) and ema.rate(10**6) == 0.9
+    ema.update(4, 100)  # the second: decay 2/11
+    assert torch.allclose(ema.module.linear.weight, start["linear.weight"] + 0.9 + 0.1 * (9 / 11), atol=1e-6)
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_lookahead_pulls_the_model_to_its_slow_weights_with_a_ramped_decay():
+    model = nn.Linear(2, 2, bias=False)
     with torch.no_grad():
-        model.linear.weight.add_(1.0)
-        model.bn1.running_mean.add_(2.0)
-    ema.update_parameters(model)
-    assert torch.allclose(ema.module.linear.weight, before["linear.weight"] + 1.5)
-    assert torch.allclose(ema.module.bn1.running_mean, before["bn1.running_mean"] + 3.0)  # buffers too
-    assert int(ema.n_averaged) == 3
+        model.weight.fill_(0.0)
+    ahead = Lookahead(model, decay=0.9, every=5)
+    with torch.no_grad():
+        model.weight.fill_(1.0)  # the trained (fast) weights moved
+    ahead.update(4, 10)  # not a multiple of every: nothing
+    assert torch.equal(model.weight, torch.ones(2, 2))
+    ahead.update(5, 10)  # rho = 0.9**5 * (5/10)**3: the slow weights move 1 - rho toward the fast ones
+    rho = 0.9**5 * 0.5**3
+    assert torch.allclose(model.weight, torch.full((2, 2), 1 - rho))  # and the model takes them
+    with torch.no_grad():
+        model.weight.fill_(5.0)
+    ahead.end_epoch()  # the model goes back to the slow weights
+    assert torch.allclose(model.weight, torch.full((2, 2), 1 - rho))
+    restored = Lookahead(model, decay=0.9, every=5)
+    restored.load_state_dict(ahead.state_dict())
+    assert torch.equal(restored.state_dict()["slow"][0], ahead.state_dict()["slow"][0])
+
+
+def test_averaging_is_built_from_the_config():
+    model = senet18(width=4)
+    assert averaging.build(model, 0.0, "average", 1) is None
+    assert isinstance(averaging.build(model, 0.99, "average", 1), EMA)
+    ahead = averaging.build(model, 0.95, "lookahead", 5)
+    assert isinstance(ahead, Lookahead) and ahead.every == 5
 
 
 def test_compiled_evaluation_pads_the_last_batch_to_one_shape_and_scores_the_same(group):
@@ -128,7 +161,7 @@ def test_mixup_and_cutmix_are_torchvisions_and_a_pure_function_of_the_step():
 
 def test_new_keys_reject_bad_values_in_one_line():
     for override, message in [("train.ema_decay=1.0", "train.ema_decay must be in [0, 1) (0 = off), got 1.0"),
-                              ("train.tta=hflip", "train.tta must be none or flip, got 'hflip'"),
+                              ("train.tta=hflip", "train.tta must be none, flip or multicrop, got 'hflip'"),
                               ("train.sync_bn=maybe", "train.sync_bn must be auto, true or false, got 'maybe'"),
                               ("train.clip_grad_norm=-1", "train.clip_grad_norm must be >= 0 (0 = off), got -1.0"),
                               ("data.mixup_alpha=-0.2", "data.mixup_alpha must be in [0, 10] (0 = off), got -0.2"),
@@ -145,8 +178,28 @@ def test_auto_precision_follows_the_cpus_bf16_support():
     assert autocast_dtype("fp32", torch.device("cuda")) is None
 
 
-RECIPE = ["train.ema_decay=0.9", "train.tta=flip", "train.clip_grad_norm=1.0", "data.mixup_alpha=0.2",
-          "data.cutmix_alpha=1.0"]
+RECIPE = ["train.ema_decay=0.9", "train.ema_every_steps=2", "train.tta=multicrop", "train.clip_grad_norm=1.0",
+          "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0", "data.pad_mode=reflect", "data.crop_padding=2",
+          "data.flip=alternate", "data.cutout=8", "model.zero_init_residual=true", "model.bn_momentum=0.2",
+          "train.bn_bias_lr_mult=4", "train.whiten_stem=true"]
+LOOKAHEAD = ["train.ema_mode=lookahead", "train.ema_every_steps=3", "train.label_smoothing=0.2"]
+
+
+def test_lookahead_resumes_bit_for_bit(tmp_path):
+    """The slow weights are in the checkpoint and the decay follows the step count: a resume mid-epoch and at an
+    epoch's end goes on exactly (the mid-epoch stop also proves the averaging has no per-launch counter)."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    recipe = [*COMMON, *RECIPE, *LOOKAHEAD]
+    assert run_job([*recipe, f"train.out_dir={straight}"]).returncode == 0
+    for extra in (["train.stop_after_epochs=1"], []):
+        result = run_job([*recipe, f"train.out_dir={split}", *extra])
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_as(straight, split)
+    a, b = load_ckpt(straight / "checkpoints" / "last.pt"), load_ckpt(split / "checkpoints" / "last.pt")
+    assert "ema" not in a and all(torch.equal(x, y) for x, y in zip(a["lookahead"]["slow"], b["lookahead"]["slow"]))
+    # at an epoch's end the model holds the slow weights: what validation, best.pt and the registry use
+    weights = [v for v in a["model"].values() if v.is_floating_point()]
+    assert all(torch.equal(w, s) for w, s in zip(weights, a["lookahead"]["slow"]))
 
 
 def test_every_option_on_resumes_bit_for_bit_and_predicts_with_the_ema(tmp_path):
@@ -166,7 +219,8 @@ def test_every_option_on_resumes_bit_for_bit_and_predicts_with_the_ema(tmp_path)
 
     config_before = (split / "config.yaml").read_text()
     (split / "finished.json").unlink()  # as if stopped after its last epoch: a finished run refuses any change
-    refused = run_job([*COMMON, f"train.out_dir={split}", "train.epochs=4"])  # EMA off: its weights would be lost
+    model = [a for a in RECIPE if a.startswith("model.")]  # the same model, but EMA off: its weights would be lost
+    refused = run_job([*COMMON, *model, f"train.out_dir={split}", "train.epochs=4"])
     assert refused.returncode == 1
     assert refused.stderr.strip() == (f"error: checkpoint {split / 'checkpoints' / 'last.pt'} was trained with "
                                       f"train.ema_decay=0.9: resume it with the same (this launch has 0.0)")

@@ -511,3 +511,48 @@ def test_nccl_flight_recorder_dumps_into_the_out_dir_unless_the_launch_names_a_p
                                                                  "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": dumps}
     for name in ("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE"):
         assert flight_recorder_env(tmp_path, {name: "/scratch/fr_"}) == {}
+
+
+# ---- a resume that changes train.channels_last ------------------------------------------------------------------
+
+@pytest.mark.parametrize("saved_channels_last", [True, False])
+def test_a_resume_in_the_other_memory_format_updates_as_foreach_sgd_does(saved_channels_last):
+    """A checkpoint keeps its momentum buffers' strides; after Parts.load_state_dict the job's fused SGD must make
+    the update that foreach SGD (which reads any strides) makes from the same checkpoint."""
+    import io
+
+    from job.loop import train_step
+
+    def model(channels_last: bool) -> torch.nn.Module:
+        torch.manual_seed(0)
+        m = senet18(width=8)
+        return m.to(memory_format=torch.channels_last) if channels_last else m
+
+    def step(parts: Parts, channels_last: bool) -> None:
+        x = batch.contiguous(memory_format=torch.channels_last) if channels_last else batch
+        train_step(parts.model, parts.optimizer, parts.scaler, x, labels, dtype=None, label_smoothing=0.1)
+
+    batch, labels = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.arange(16) % 10
+    trained = parts_of(model(saved_channels_last))
+    for _ in range(3):
+        step(trained, saved_channels_last)
+    file = io.BytesIO()
+    torch.save(trained.state_dict(), file)
+
+    def saved() -> dict:  # a fresh copy each time: load_state_dict keeps the loaded tensors themselves
+        return torch.load(io.BytesIO(file.getvalue()), weights_only=True)
+
+    resumed = parts_of(model(not saved_channels_last))
+    resumed.load_state_dict(saved())
+    reference = parts_of(model(not saved_channels_last))
+    reference.model.load_state_dict(saved()["model"])
+    reference.optimizer.load_state_dict(saved()["optimizer"])
+    for group in reference.optimizer.param_groups:
+        group["fused"], group["foreach"] = False, True
+    for p in resumed.model.parameters():
+        assert resumed.optimizer.state[p]["momentum_buffer"].stride() == p.stride()
+    step(resumed, not saved_channels_last)
+    step(reference, not saved_channels_last)
+    difference = max((a - b).abs().max().item() for a, b in zip(resumed.model.parameters(),
+                                                                 reference.model.parameters()))
+    assert difference < 1e-6  # without match_layout: 0.08 here
