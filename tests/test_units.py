@@ -308,6 +308,8 @@ def test_only_full_cifar10_with_the_standard_split_registers_under_the_productio
         cfg = config.load(overrides=[override])
         assert model_name(cfg) == "senet18-cifar10-dev" and not_production(cfg.data), override
     assert model_name(config.load(str(ROOT / "configs" / "smoke.yaml"))) == "senet18-cifar10-dev"
+    final_fit = config.load(overrides=["data.val_size=0"])  # every image trained on: a production candidate
+    assert not_production(final_fit.data) is None and model_name(final_fit) == "senet18-cifar10"
     assert model_name(config.load(overrides=["data.verify=false", "data.root=/elsewhere"])) == "senet18-cifar10"
 
 
