@@ -13,6 +13,7 @@ checkpoint and stop) and count as partial; runs not started are listed as such. 
   fast-sweep  full width: configs/fast.yaml at batch 64-256, lr 0.2, weight decay 2e-4, 3 seeds each
   proxy    the fast-training methods of issue 19 ranked on a CPU: width 16, 8,000 training images, 4 epochs,
            batch 128, one-cycle, flip TTA (fast.yaml's recipe, small), one arm per method, 3 seeds each
+  proxy-combined  the same base with every method that did not lose there, together (3 seeds)
   methods  the same arms at full width on a GPU: configs/fast.yaml plus each method, 3 seeds each
   default  full width: the defaults at 60 epochs (the candidate length for job/config.py), seed 0
 
@@ -58,6 +59,10 @@ PROXY = ["data.val_size=2000", "data.train_subset=8000", "data.test_subset=5000"
          "train.batch_size=128", "train.lr=0.1", "train.ref_batch_size=128", "train.schedule=onecycle",
          "train.warmup_epochs=0.5", "train.tta=flip"]
 PROXY_ARMS = {**METHODS, "all-data": ["data.val_size=0", "data.train_subset=10000"]}  # + the 2,000 it held out
+# every method that did not lose in the proxy plan (2026-12-03, BENCHMARKS.md), together: fast.yaml's candidate
+COMBINED = ["data.pad_mode=reflect", "data.crop_padding=2", "data.flip=alternate", "train.whiten_stem=true",
+            "train.label_smoothing=0.2", "train.bn_bias_lr_mult=8", "train.ema_decay=0.95", "train.ema_mode=lookahead",
+            "train.ema_every_steps=5", "train.tta=multicrop"]
 FAST = ["--config", "configs/fast.yaml"]
 FAST_SWEEP = {  # configs/fast.yaml at full width with fewer images per step, a higher lr, less weight decay
     "fast-b128": ["train.batch_size=128"], "fast-b128-lr0.2": ["train.batch_size=128", "train.lr=0.2"],
@@ -86,7 +91,7 @@ class Run:
         return f"{self.arm}-s{self.seed}"
 
 
-PLANS = ("default", "fast", "fast-sweep", "w32", "proxy", "methods")
+PLANS = ("default", "fast", "fast-sweep", "w32", "proxy", "proxy-combined", "methods")
 
 
 def plan(names: list[str]) -> list[Run]:
@@ -104,6 +109,8 @@ def plan(names: list[str]) -> list[Run]:
             runs += [Run(f"w32-{arm}", seed, W32 + extra) for seed in range(3) for arm, extra in W32_ARMS.items()]
         elif name == "proxy":
             runs += [Run(f"proxy-{arm}", seed, PROXY + extra) for seed in range(3) for arm, extra in PROXY_ARMS.items()]
+        elif name == "proxy-combined":
+            runs += [Run("proxy-combined", seed, PROXY + COMBINED) for seed in range(3)]
         elif name == "methods":
             runs += [Run(f"fast-{arm}", seed, FAST + extra) for seed in range(3) for arm, extra in METHODS.items()]
         else:

@@ -82,9 +82,11 @@ class Lookahead:
         torch._foreach_copy_(self._fast, self._slow)
 
     def state_dict(self) -> dict:
-        return {"slow": [t.clone() for t in self._slow]}
+        return {"slow": list(self._slow)}  # checkpoint.snapshot copies them to the host
 
     def load_state_dict(self, state: dict) -> None:
+        if len(state["slow"]) != len(self._slow):  # another model's: a prefix would load without a word
+            raise ValueError(f"lookahead state of {len(state['slow'])} tensors for a model of {len(self._slow)}")
         torch._foreach_copy_(self._slow, [t.to(s.device) for t, s in zip(state["slow"], self._slow)])
 
 

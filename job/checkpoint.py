@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from job.cli import first_line
-from job.config import ModelConfig
+from job.config import Config
 from job.distributed import Runtime, all_agree
 from job.provenance import NOT_RECIPE
 
@@ -93,7 +93,8 @@ def load(path: str | Path) -> dict:
 
 
 def weights(state: dict) -> dict:
-    """The weights to predict with: the EMA's when the run kept one (train.ema_decay > 0), else the model's."""
+    """The weights to predict with: the EMA copy's when the run kept one (ema_mode=average), else the model's
+    (with ema_mode=lookahead the model holds the slow weights at every epoch's end)."""
     return state["ema"]["model"] if "ema" in state else state["model"]
 
 
@@ -275,7 +276,7 @@ def resume_path(resume: str, out_dir: str) -> Path | None:
 def check_model(state: dict, model_config: dict, path: Path) -> None:
     """Refuse a checkpoint of a different model shape with one line that says what differs."""
     # a key newer than the checkpoint had its default then (model.bn_momentum, model.zero_init_residual)
-    saved = {**dataclasses.asdict(ModelConfig()), **state.get("config", {}).get("model", {})}
+    saved = with_defaults(state.get("config", {}))["model"]
     diff = [f"{k}={saved.get(k)} (config says {v})" for k, v in model_config.items() if saved.get(k) != v]
     if diff:
         raise CheckpointError(f"checkpoint {path} is for another model: " + ", ".join(diff))
@@ -293,9 +294,18 @@ RESUME_SILENT = {f"train.{k}" for k in (*NOT_RECIPE, "channels_last", "compile",
                                         "grad_compression", "bucket_mb", "device")}
 
 
+def with_defaults(saved: dict) -> dict:
+    """A saved config with the keys added to the job since it was written at their defaults, which is what the
+    run had then (a checkpoint from before train.bn_bias_lr_mult trained with 1)."""
+    defaults = dataclasses.asdict(Config())
+    return {section: {**defaults.get(section, {}), **(values if isinstance(values, dict) else {})}
+            for section, values in {**defaults, **saved}.items()}
+
+
 def config_changes(saved: dict, cfg) -> tuple[list[str], list[str]]:
     """("key old -> new" a resume applies, those it refuses) between a saved config and this launch's."""
     applies, refused = [], []
+    saved = with_defaults(saved)
     for section, values in cfg.to_dict().items():
         if section == "mlflow":
             continue

@@ -432,10 +432,13 @@ class _Loader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
-def _yaml(text: str) -> object:
+def _yaml(text: str, where: str) -> object:
     """text parsed as YAML by _Loader; AliasUsed, yaml.YAMLError, or ValueError (an integer of more digits than
-    Python converts, 4300) on what it cannot take."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 -- _Loader is a SafeLoader
+    Python converts, 4300) on what it cannot take; ConfigError naming where for nesting deeper than Python recurses."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 -- _Loader is a SafeLoader
+    except RecursionError:  # thousands of [ or {: PyYAML's composer recurses once per level
+        raise ConfigError(f"{where} is nested too deeply to be a config (thousands of levels)") from None
 
 
 def _parse_override(text: str) -> tuple[str, str, object, str]:
@@ -444,7 +447,7 @@ def _parse_override(text: str) -> tuple[str, str, object, str]:
         raise ConfigError(f"override {_show(text)} must look like section.key=value (e.g. train.epochs=10)")
     section, _, name = key.strip().partition(".")
     try:
-        value = _yaml(raw) if raw.strip() else ""
+        value = _yaml(raw, f"override {_show(key.strip())}") if raw.strip() else ""
     except AliasUsed as e:
         raise ConfigError(f"override {_show(key.strip())} uses a YAML alias (*{_show(e.anchor)}): a config has no "
                           f"use for anchors and aliases, and they can expand without bound; write the value out")
@@ -473,7 +476,9 @@ def load(path: str | None = None, overrides: list[str] = ()) -> Config:
         except UnicodeDecodeError as e:
             raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}): is it the YAML file?") from None
         try:
-            values = _yaml(text)
+            values = _yaml(text, str(path))
+        except ConfigError:
+            raise
         except AliasUsed as e:
             raise ConfigError(f"{path} uses {e}: a config has no use for anchors and aliases, and they can expand "
                               f"without bound; write the values out") from None

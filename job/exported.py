@@ -12,6 +12,8 @@ inputs of plain tensors, aten operators, shape symbols. check() refuses anything
 import io
 import json
 import re
+import shutil
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import torch
 import torch.utils._sympy.functions as torch_sympy
 
 from job.checkpoint import CheckpointError
+from job.cli import first_line
 
 # every record an archive of torch.export.save may hold here (names below the archive's one top folder)
 RECORDS = re.compile(r"archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
@@ -36,14 +39,32 @@ SYMPY_NAMES = ({name for name, value in vars(sympy).items()
                 if isinstance(value, type) and value.__module__.startswith("sympy.")}
                | {name for name, value in vars(torch_sympy).items() if isinstance(value, type)}
                | {"True", "False", "None"})
-EXPRESSION = re.compile(r"(?:[A-Za-z]\w*|'[\w.+-]*'|\d[\d.]*(?:e[+-]?\d+)?|[\s(),=+*/<>%&|~-])*")
+# quoted parts are symbol names only (s0, s77): sympy would evaluate a dotted path such as 'Symbol.__init__' again
+EXPRESSION = re.compile(r"(?:[A-Za-z]\w*|'[a-z]+\d*'|\d[\d.]*(?:e[+-]?\d+)?|[\s(),=+*/<>%&|~-])*")
 
 
-def check(path: str) -> None:
-    """Refuse, in one CheckpointError line, an archive torch.export.load would run code from (see the module)."""
+def load(path: str) -> torch.export.ExportedProgram:
+    """check() and torch.export.load on one private copy of the file: what is loaded is what was checked, even
+    when someone rewrites path on a shared volume in between."""
+    with tempfile.TemporaryDirectory() as private:  # mode 0700: only this user can swap the copy
+        copy = Path(private) / "model.pt2"
+        try:
+            shutil.copyfile(path, copy)
+        except OSError as e:
+            raise CheckpointError(f"cannot read exported model {path}: {e.strerror}") from None
+        check(copy, shown=path)
+        try:
+            return torch.export.load(copy)
+        except Exception as e:
+            raise CheckpointError(f"cannot load exported model {path}: {first_line(e)}") from None
+
+
+def check(path: str | Path, shown: str | None = None) -> None:
+    """Refuse, in one CheckpointError line naming shown (default: path), an archive torch.export.load would run
+    code from (see the module)."""
     why = _unsafe(Path(path))
     if why:
-        raise CheckpointError(f"refusing exported model {path}: {why}; only a .pt2 of raw tensors and aten "
+        raise CheckpointError(f"refusing exported model {shown or path}: {why}; only a .pt2 of raw tensors and aten "
                               f"operators is loaded (job/exported.py)")
 
 
@@ -110,8 +131,8 @@ def _program(tree) -> str | None:
 
 def _plain_expression(text: str) -> bool:
     """Whether text is only sympy class names, keywords, numbers, quoted names and operators (srepr's output)."""
-    if not EXPRESSION.fullmatch(text):
+    if "__" in text or not EXPRESSION.fullmatch(text):
         return False
-    unquoted = re.sub(r"'[\w.+-]*'", "", text)
+    unquoted = re.sub(r"'[a-z]+\d*'", "", text)
     names = set(re.findall(r"\b[A-Za-z]\w*\b(?!\s*=(?!=))", unquoted))  # keyword names (positive=) are inert
     return all(name in SYMPY_NAMES or re.fullmatch(r"[a-z]+\d+", name) for name in names)

@@ -135,12 +135,12 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch
                clip_grad_norm: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward under autocast, loss, backward, (clipping,) optimizer step; returns (loss, logits) on the device.
 
-    y holds class indices, or class probabilities (N, classes) after MixUp / CutMix: those are already soft, so
-    label smoothing applies to class indices only.
+    y holds class indices, or class probabilities (N, classes) after MixUp / CutMix; torchvision's mixed targets
+    are mixed one-hot rows, unsmoothed, so label smoothing applies once either way.
     """
     with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
         logits = model(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing if y.ndim == 1 else 0.0)
+        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if clip_grad_norm:

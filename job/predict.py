@@ -35,11 +35,7 @@ def load(source: str, device: torch.device) -> nn.Module:
     if source.endswith(".pt2"):
         if not os.path.isfile(source):
             raise CheckpointError(f"exported model not found: {source}")
-        exported.check(source)  # torch.export.load unpickles, eval()s and exec()s what an archive asks it to
-        try:
-            program = torch.export.load(source)
-        except Exception as e:
-            raise CheckpointError(f"cannot load exported model {source}: {cli.first_line(e)}") from None
+        program = exported.load(source)  # torch.export.load alone unpickles, eval()s and exec()s what it is given
         # an exported graph holds its tensors' devices: moved by this pass, not by .to()
         return move_to_device_pass(program, device).module()
     state = checkpoint.load(source)

@@ -270,3 +270,13 @@ def test_print_config_shows_the_resolved_config(tmp_path):
     assert yaml.safe_load(result.stdout)["train"]["epochs"] == 4
     (tmp_path / "printed.yaml").write_text(result.stdout)
     assert config.load(str(tmp_path / "printed.yaml")) == config.load(None, overrides)
+
+
+def test_yaml_nested_deeper_than_python_recurses_is_one_line(tmp_path):
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("train: " + "[" * 5000)
+    with pytest.raises(ConfigError) as e:
+        config.load(str(deep))
+    assert str(e.value) == f"{deep} is nested too deeply to be a config (thousands of levels)"
+    with pytest.raises(ConfigError, match=r"^train.epochs must be an integer, got '\[\[\[.*\.\.\.\[+'$"):
+        config.load(None, ["train.epochs=" + "[" * 5000])  # an override not YAML is its text, checked as such

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from job import checkpoint, predict, train
+from job import checkpoint, exported, predict, train
 from job.checkpoint import CheckpointError, Checkpointer
 from job.config import Config, TrainConfig
 from job.distributed import Runtime
@@ -274,6 +274,9 @@ def tampered(genuine: Path, how: str, marker: Path) -> dict[str, bytes]:
     if how == "shape expression":  # sympy.sympify() eval()s it
         return {"models/model.json": program(genuine, lambda tree: first_size(tree).update(
             expr_str=f"__import__('os').system('touch {marker}') or Symbol('s0', positive=True, integer=True)"))}
+    if how == "quoted path":  # sympify evaluates a quoted dotted name again: attribute walks from sympy's globals
+        return {"models/model.json": program(genuine, lambda tree: first_size(tree).update(
+            expr_str="Max('Symbol.__init__.__globals__', 1)"))}
     if how == "guard code":  # exec()ed into the module's guard function, run on every call
         return {"models/model.json": program(genuine, lambda tree: tree.update(
             guards_code=[f"open({str(marker)!r}, 'w') is not None"]))}
@@ -285,8 +288,12 @@ def test_a_genuine_export_passes_the_check_and_predicts(genuine, image, capsys):
     assert capsys.readouterr().out.startswith(f"{image}  ")
 
 
-@pytest.mark.parametrize("how", ["pickled weight", "pickled sample inputs", "legacy weights", "shape expression",
-                                 "guard code"])
+REASONS = {"pickled weight": "is a pickled payload", "pickled sample inputs": "sample inputs",
+           "legacy weights": "holds data/weights/model.pt", "shape expression": "the shape expression",
+           "quoted path": "the shape expression", "guard code": "guard code"}
+
+
+@pytest.mark.parametrize("how", list(REASONS))
 def test_a_tampered_export_is_refused_in_one_line_before_it_runs_anything(genuine, image, tmp_path, capsys, how):
     marker = tmp_path / "ran"
     bad = rewritten(genuine, tmp_path / "model.pt2", tampered(genuine, how, marker))
@@ -294,7 +301,14 @@ def test_a_tampered_export_is_refused_in_one_line_before_it_runs_anything(genuin
     out, err = capsys.readouterr()
     assert not marker.exists(), "the tampered archive ran code"
     assert status == 1 and out == "" and err.count("\n") == 1, err
-    assert err.startswith(f"error: refusing exported model {bad}: ")
+    assert err.startswith(f"error: refusing exported model {bad}: ") and REASONS[how] in err, err
+
+
+def test_an_archive_rewritten_without_changes_still_passes(genuine, tmp_path):
+    """The control for the cases above: rewriting the zip itself is not what they are refused for."""
+    copy = rewritten(genuine, tmp_path / "copy.pt2", {})
+    exported.check(copy)
+    assert exported.load(str(copy)).module()(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape == (2, 10)
 
 
 class _Planted:

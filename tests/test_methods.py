@@ -75,15 +75,22 @@ def test_alternate_flips_each_image_on_every_other_epoch_the_same_in_every_proce
     assert not data.flips(10, 7, 1, "none", torch.device("cpu")).any()
 
 
-def test_soft_targets_are_not_smoothed_again_and_train_accuracy_scores_them():
+def test_mixed_targets_are_smoothed_once_and_train_accuracy_scores_them():
+    from job.loop import mix, mixer
+
     torch.manual_seed(0)
+    labels = torch.randint(0, 10, (8,))
+    _, soft = mix(mixer(0.2, 0.0), torch.randn(8, 3, 32, 32), labels, seed=3)
+    lam = soft.max(1).values  # torchvision's mixed targets: two one-hot rows mixed, no smoothing of their own
+    assert torch.allclose(soft.sum(1), torch.ones(8)) and ((soft > 0).sum(1) <= 2).all() and (lam >= 0.5).all()
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     x = torch.randn(8, 3, 32, 32)
-    soft = F.softmax(torch.randn(8, 10), 1)
     loss, logits = train_step(model, optimizer, scaler, x, soft, dtype=None, label_smoothing=0.2)
-    assert loss.item() == pytest.approx(F.cross_entropy(logits, soft).item(), rel=1e-6)  # not smoothed
+    smoothed_once = F.cross_entropy(logits, soft, label_smoothing=0.2)
+    assert loss.item() == pytest.approx(smoothed_once.item(), rel=1e-6)
+    assert loss.item() != pytest.approx(F.cross_entropy(logits, soft).item(), rel=1e-3)
     labels = torch.randint(0, 10, (8,))
     loss, logits = train_step(model, optimizer, scaler, x, labels, dtype=None, label_smoothing=0.2)
     assert loss.item() == pytest.approx(F.cross_entropy(logits, labels, label_smoothing=0.2).item(), rel=1e-6)
@@ -121,8 +128,8 @@ def test_the_whitened_stem_decorrelates_3x3_patches():
     assert torch.allclose(model.conv1.weight[1:54:2], -model.conv1.weight[0:54:2])  # each with its negative
     assert model.conv1.weight[54:].abs().sum() > 0  # the filters past the pairs keep their random start
     narrow = senet18(width=8)
-    narrow.whiten_stem_(smooth)  # fewer filters than pairs: the strongest 4 pairs
-    assert narrow.conv1.weight.shape == (8, 3, 3, 3)
+    narrow.whiten_stem_(smooth, eps=1e-6)  # fewer filters than pairs: the strongest 4 pairs
+    assert torch.allclose(narrow.conv1.weight, model.conv1.weight[:8], atol=1e-5)
 
 
 def test_bn_biases_train_at_their_multiple_of_the_learning_rate():
@@ -207,3 +214,52 @@ def test_a_checkpoint_from_before_the_new_model_keys_still_resumes():
     checkpoint.check_compatible(old, config.load(None, []), Path("last.pt"))  # their defaults then
     with pytest.raises(CheckpointError, match="zero_init_residual=False"):
         checkpoint.check_compatible(old, config.load(None, ["model.zero_init_residual=true"]), Path("last.pt"))
+
+
+@pytest.mark.parametrize("mode", ["average", "lookahead"])
+def test_an_averager_saved_mid_run_goes_on_exactly(mode):
+    """What a checkpoint holds of the averaging (its state_dict and the model's) is all it needs: a copy restored
+    at step 7 and updated to step 20 equals the one that never stopped, bit for bit (the decay follows the step)."""
+    from job import averaging
+
+    def run(model, averager, steps):
+        for step in steps:
+            with torch.no_grad():
+                for p in model.parameters():  # a stand-in for an optimizer step, a pure function of the step
+                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(step)))
+            averager.update(step, 20)
+            if step % 10 == 0:
+                averager.end_epoch()
+
+    torch.manual_seed(0)
+    straight = senet18(width=4)
+    split = senet18(width=4)
+    split.load_state_dict(straight.state_dict())
+    a = averaging.build(straight, 0.9, mode, 2)
+    run(straight, a, range(1, 21))
+    b = averaging.build(split, 0.9, mode, 2)
+    run(split, b, range(1, 8))
+    saved = {"model": {k: v.clone() for k, v in split.state_dict().items()},
+             "averager": {k: [t.clone() for t in v] if isinstance(v, list) else
+                          {n: t.clone() for n, t in v.items()} for k, v in b.state_dict().items()}}
+    resumed = senet18(width=4)
+    resumed.load_state_dict(saved["model"])
+    c = averaging.build(resumed, 0.9, mode, 2)
+    c.load_state_dict(saved["averager"])
+    run(resumed, c, range(8, 21))
+    ends = [(straight, resumed)] + ([(a.module, c.module)] if mode == "average" else [])
+    for x, y in ends:
+        assert all(torch.equal(p, q) for p, q in zip(x.state_dict().values(), y.state_dict().values()))
+    if mode == "lookahead":
+        with pytest.raises(ValueError, match="lookahead state of 3 tensors"):
+            c.load_state_dict({"slow": saved["averager"]["slow"][:3]})
+
+
+def test_a_checkpoint_from_before_the_new_keys_compares_them_at_their_defaults():
+    old = saved(model={"depth": 18, "width": 64, "reduction": 16})
+    for section in ("data", "train"):
+        for key in ("bn_bias_lr_mult", "flip", "pad_mode", "crop_padding", "whiten_stem", "ema_mode"):
+            old["config"][section].pop(key, None)
+    applies, refused = checkpoint.config_changes(old["config"], config.load(None, ["train.bn_bias_lr_mult=8",
+                                                                                   "data.flip=alternate"]))
+    assert applies == ["data.flip random -> alternate"] and refused == ["train.bn_bias_lr_mult 1.0 -> 8.0"]
