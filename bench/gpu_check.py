@@ -85,11 +85,11 @@ def params(name: str, args: argparse.Namespace, limit_s: float, workdir: Path) -
     if name == "sync_audit":
         return {"device": device, "steps": 4 if quick else 30, "width": 8 if quick else 64}
     if name == "fast_recipe":
-        return {"data_root": args.data_root, "device": device, "seconds": limit_s - 10, "workdir": str(workdir)}
+        return {"data_root": args.data_root, "device": device, "seconds": max(limit_s - 10, limit_s / 2), "workdir": str(workdir)}
     modes, parts = {"bench_eager": ("eager", "bare_step,job") if quick else (BF16, "baseline,bare_step,job"),
                     "bench_compile": (f"compile+{BF16}", "job"),
                     "bench_cudagraphs": (f"compile:reduce-overhead+{BF16}", "bare_step")}[name]
-    return {"device": device, "quick": quick, "modes": modes, "parts": parts, "timeout_s": limit_s - 10,
+    return {"device": device, "quick": quick, "modes": modes, "parts": parts, "timeout_s": max(limit_s - 10, limit_s / 2),
             "workdir": str(workdir)}
 
 
@@ -106,8 +106,10 @@ def run_part(name: str, function: str, kwargs: dict, limit_s: float, workdir: Pa
     if child.returncode == 124:  # run_child's code for a child it killed at the limit
         return {"ok": False, "status": "timed_out", **times, "killed": child.killed + left,
                 "log_tail": child.log[-2000:]}
-    result = json.loads(out.read_text()) if out.exists() else {
-        "ok": False, "returncode": child.returncode, "log_tail": child.log[-3000:]}
+    try:  # written atomically by bench.gpu_parts; a part that died mid-way leaves none
+        result = json.loads(out.read_text())
+    except (OSError, ValueError):
+        result = {"ok": False, "returncode": child.returncode, "log_tail": child.log[-3000:]}
     return {**result, "status": "ok" if result.get("ok") else "failed", **times,
             **({"left_running_killed": left} if left else {})}
 
@@ -170,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     limits = {name: limit for name, (limit, _) in PARTS.items()}
     for item in args.limit:
         name, _, seconds = item.partition("=")
-        if name not in PARTS or not seconds.replace(".", "", 1).isdigit():
-            parser.error(f"--limit {item}: expected PART=SECONDS with PART one of {', '.join(PARTS)}")
+        if name not in PARTS or not seconds.replace(".", "", 1).isdigit() or float(seconds) <= 0:
+            parser.error(f"--limit {item}: expected PART=SECONDS (> 0) with PART one of {', '.join(PARTS)}")
         limits[name] = float(seconds)
     args.parts = set(args.parts.split(",")) if args.parts else None
     if args.parts and args.parts - set(PARTS):
@@ -200,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             if reason:
                 summary["skipped"][name] = reason
                 continue
-            limit = min(limits[name] or left, left)
+            limit = left if limits[name] is None else min(limits[name], left)
             say(f"{name}: up to {limit:.0f} s")
             workdir = Path(tmp) / name
             workdir.mkdir()

@@ -181,7 +181,9 @@ def main(argv: list[str]) -> int:
     name, function, params, out = argv[0], PARTS[argv[1]], json.loads(argv[2]), Path(argv[3])
     if os.environ.get("GPU_CHECK_OVERRUN") == name:
         overrun()
-    out.write_text(json.dumps(function(**params)))
+    tmp = out.with_name(f".{out.name}.tmp")  # a reader never sees half a result
+    tmp.write_text(json.dumps(function(**params)))
+    os.replace(tmp, out)
     return 0
 
 
