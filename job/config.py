@@ -108,6 +108,8 @@ class DataConfig:
             _require(value is None or value >= 1, f"data.{key} must be >= 1 or null, got {value}")
         _require(0 <= self.cutout <= 32, f"data.cutout must be in [0, 32], got {self.cutout}")
         _require(0 <= self.crop_padding <= 16, f"data.crop_padding must be in [0, 16], got {self.crop_padding}")
+        _require(self.crop_padding or self.pad_mode == "zeros",
+                 f"data.pad_mode={self.pad_mode} does nothing with data.crop_padding=0 (no translation, no padding)")
         for key in ("mixup_alpha", "cutmix_alpha"):
             value = getattr(self, key)
             _require(0 <= value <= 10, f"data.{key} must be in [0, 10] (0 = off), got {value}")
@@ -236,6 +238,9 @@ class TrainConfig:
         _require(self.warmup_epochs >= 0, f"train.warmup_epochs must be >= 0, got {self.warmup_epochs}")
         _require(0 <= self.ema_decay < 1, f"train.ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
         _require(self.ema_every_steps >= 1, f"train.ema_every_steps must be >= 1, got {self.ema_every_steps}")
+        _require(self.ema_decay or (self.ema_mode == "average" and self.ema_every_steps == 1),
+                 f"train.ema_mode={self.ema_mode} / ema_every_steps={self.ema_every_steps} do nothing while "
+                 f"train.ema_decay is 0 (off): set train.ema_decay too (airbench's Lookahead: 0.95)")
         _require(self.bn_bias_lr_mult > 0, f"train.bn_bias_lr_mult must be > 0, got {self.bn_bias_lr_mult}")
         _require(self.clip_grad_norm >= 0, f"train.clip_grad_norm must be >= 0 (0 = off), got {self.clip_grad_norm}")
         _require(self.threads >= 0, f"train.threads must be >= 0, got {self.threads}")

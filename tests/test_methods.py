@@ -263,3 +263,16 @@ def test_a_checkpoint_from_before_the_new_keys_compares_them_at_their_defaults()
     applies, refused = checkpoint.config_changes(old["config"], config.load(None, ["train.bn_bias_lr_mult=8",
                                                                                    "data.flip=alternate"]))
     assert applies == ["data.flip random -> alternate"] and refused == ["train.bn_bias_lr_mult 1.0 -> 8.0"]
+
+
+@pytest.mark.parametrize("overrides,says", [
+    (["train.ema_mode=lookahead"], "train.ema_mode=lookahead / ema_every_steps=1 do nothing while train.ema_decay "
+                                   "is 0 (off): set train.ema_decay too (airbench's Lookahead: 0.95)"),
+    (["train.ema_every_steps=5"], "train.ema_mode=average / ema_every_steps=5 do nothing while train.ema_decay is 0"),
+    (["data.pad_mode=reflect", "data.crop_padding=0"],
+     "data.pad_mode=reflect does nothing with data.crop_padding=0 (no translation, no padding)")])
+def test_settings_that_would_do_nothing_are_refused(overrides, says):
+    with pytest.raises(ConfigError) as e:
+        config.load(None, overrides)
+    assert str(e.value).startswith(says)
+    config.load(None, [*overrides, "train.ema_decay=0.9", "data.crop_padding=2"])  # with what they need: fine
