@@ -14,7 +14,8 @@ checkpoint and stop) and count as partial; runs not started are listed as such. 
   proxy    the fast-training methods of issue 19 ranked on a CPU: width 16, 8,000 training images, 4 epochs,
            batch 128, one-cycle, flip TTA (fast.yaml's recipe, small), one arm per method, 3 seeds each
   proxy-combined  the same base with every method that did not lose there, together (3 seeds)
-  methods  the same arms at full width on a GPU: configs/fast.yaml plus each method, 3 seeds each
+  methods  the same arms at full width on a GPU: the short schedule (15 epochs, one-cycle) plus each method, and
+           configs/fast.yaml (all of them, arm fast-combined), 3 seeds each
   default  full width: the defaults at 60 epochs (the candidate length for job/config.py), seed 0
 
 The table's delta column is the mean ± std over seeds of (arm - the plan's base arm) for the same seed: a seed
@@ -64,6 +65,7 @@ COMBINED = ["data.pad_mode=reflect", "data.crop_padding=2", "data.flip=alternate
             "train.label_smoothing=0.2", "train.bn_bias_lr_mult=8", "train.ema_decay=0.95", "train.ema_mode=lookahead",
             "train.ema_every_steps=5", "train.tta=multicrop"]
 FAST = ["--config", "configs/fast.yaml"]
+SHORT = ["train.epochs=15", "train.schedule=onecycle", "train.warmup_epochs=2"]  # fast.yaml without the methods
 FAST_SWEEP = {  # configs/fast.yaml at full width with fewer images per step, a higher lr, less weight decay
     "fast-b128": ["train.batch_size=128"], "fast-b128-lr0.2": ["train.batch_size=128", "train.lr=0.2"],
     "fast-b64": ["train.batch_size=64"], "fast-b256-lr0.2": ["train.batch_size=256", "train.lr=0.2"],
@@ -111,8 +113,9 @@ def plan(names: list[str]) -> list[Run]:
             runs += [Run(f"proxy-{arm}", seed, PROXY + extra) for seed in range(3) for arm, extra in PROXY_ARMS.items()]
         elif name == "proxy-combined":
             runs += [Run("proxy-combined", seed, PROXY + COMBINED) for seed in range(3)]
-        elif name == "methods":
-            runs += [Run(f"fast-{arm}", seed, FAST + extra) for seed in range(3) for arm, extra in METHODS.items()]
+        elif name == "methods":  # each method on the short schedule alone, and all of them: fast.yaml itself
+            arms = {**{arm: SHORT + extra for arm, extra in METHODS.items()}, "combined": FAST}
+            runs += [Run(f"fast-{arm}", seed, args) for seed in range(3) for arm, args in arms.items()]
         else:
             raise SystemExit(f"error: unknown plan {name!r} (choose from {', '.join(PLANS)})")
     return sorted(runs, key=lambda run: run.seed)
