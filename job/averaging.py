@@ -90,8 +90,16 @@ class Lookahead:
         torch._foreach_copy_(self._slow, [t.to(s.device) for t, s in zip(state["slow"], self._slow)])
 
 
+MODES = {"average": EMA, "lookahead": Lookahead}  # train.ema_mode -> its averager (and its checkpoint key)
+
+
 def build(model: nn.Module, decay: float, mode: str, every: int) -> EMA | Lookahead | None:
     """train.ema_decay / ema_mode / ema_every_steps as an averager (None when ema_decay is 0)."""
     if not decay:
         return None
-    return (EMA if mode == "average" else Lookahead)(model, decay, every)
+    return MODES[mode](model, decay, every)
+
+
+def predictor(model: nn.Module, averager: EMA | Lookahead | None) -> nn.Module:
+    """The bare module whose weights a run predicts with: the EMA copy, or the model itself (Lookahead's too)."""
+    return averager.module if isinstance(averager, EMA) else model

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from job.cli import first_line
+from job.averaging import MODES
 from job.config import Config
 from job.distributed import Runtime, all_agree
 from job.provenance import NOT_RECIPE
@@ -193,11 +194,15 @@ class Checkpointer:
                               f"or registration could be trusted; train again in a new train.out_dir")
 
 
+def epoch_ended(train_state: dict) -> int | None:
+    """The epoch (0-based) whose end a checkpoint's train state holds; None before the first or mid-epoch."""
+    return train_state["epoch"] - 1 if train_state["epoch"] > 0 and not train_state.get("step") else None
+
+
 def epoch_held(path: Path) -> int | None:
-    """The epoch (0-based) whose end the checkpoint at path holds; None if it is missing, unreadable or mid-epoch."""
+    """epoch_ended of the checkpoint at path; None also if it is missing or unreadable."""
     try:  # mmap: the train state is read, the tensors are not
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["train_state"]
-        return state["epoch"] - 1 if state["epoch"] > 0 and not state.get("step") else None
+        return epoch_ended(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["train_state"])
     except Exception:
         return None
 
@@ -356,8 +361,7 @@ def check_compatible(state: dict, cfg, path: Path) -> None:
     keeps an EMA (resuming across that would lose them or start from nothing)."""
     check_model(state, cfg.to_dict()["model"], path)
     t, was = cfg.train, state["config"]["train"]
-    has = {"ema": "average", "lookahead": "lookahead"}
-    kept = [mode for key, mode in has.items() if key in state]
+    kept = [mode for mode, averager in MODES.items() if averager.state_key in state]
     if kept != ([t.ema_mode] if t.ema_decay else []):
         said = f"train.ema_decay={was.get('ema_decay', 0.0)}" + (f" ema_mode={kept[0]}" if kept and kept[0] != "average"
                                                                   else "")

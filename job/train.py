@@ -168,7 +168,7 @@ def build(cfg: Config, runtime: Runtime, steps: int, saved: dict | None,
             broadcast_buffers=False)
         if t.grad_compression == "bf16":
             parts.train_model.register_comm_hook(None, default_hooks.bf16_compress_hook)
-    parts.eval_model = parts.ema.module if isinstance(parts.ema, averaging.EMA) else model
+    parts.eval_model = averaging.predictor(model, parts.ema)
     if t.compile:
         # static shapes: evaluation's other batch size compiles a graph of its own, not a symbolic-batch one
         parts.train_model = torch.compile(parts.train_model, dynamic=False)
@@ -265,7 +265,7 @@ def finish(parts: Parts, splits: Splits, cfg: Config, runtime: Runtime, state: T
         tracker.warn(repaired)
     dist.barrier()  # best.pt is complete before any rank reads it
     best = checkpoint.load(checkpoints.best)
-    (parts.ema.module if isinstance(parts.ema, averaging.EMA) else parts.model).load_state_dict(checkpoint.weights(best))
+    averaging.predictor(parts.model, parts.ema).load_state_dict(checkpoint.weights(best))
     test = score(parts, splits.test_x, splits.test_y, cfg, runtime)
     final = {"test_acc": test.accuracy, "test_loss": test.loss, "best_epoch": state.best_epoch,
              "best_val_acc": state.best_val_acc, "test_images": test.count}
@@ -329,7 +329,7 @@ def train_out_dir(cfg: Config, runtime: Runtime, config_path: str | None) -> boo
     parts = build(cfg, runtime, steps, saved, splits.train_x)
     checkpoints = Checkpointer(t.out_dir, runtime, cfg.to_dict())
     if foreign and not (resume_path.parent / "best.pt").is_file() and \
-            checkpoint.epoch_held(resume_path) != state.best_epoch:
+            checkpoint.epoch_ended(saved["train_state"]) != state.best_epoch:  # the state in hand, not a re-read
         # a checkpoint copied without its best.pt: the best epoch's weights stayed behind, so the best so far starts
         # again here rather than naming weights that are not on this disk
         tracker.warn(f"{resume_path} came without the best.pt beside it (epoch {(state.best_epoch or 0) + 1}'s "
