@@ -104,7 +104,11 @@ def machine(device: torch.device) -> dict:
              "torchvision": torchvision.__version__, "torch_threads": torch.get_num_threads(),
              "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"), "device": str(device),
              "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-             "load_average_at_start": list(os.getloadavg()), "git_commit": git_commit()}
+             "load_average_at_start": list(os.getloadavg()), "git_commit": git_commit(), "cuda": torch.version.cuda}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        facts.update(cuda_devices=torch.cuda.device_count(), cuda_capability=f"{props.major}.{props.minor}",
+                     cuda_memory_gib=round(props.total_memory / 2**30, 1), cudnn=torch.backends.cudnn.version())
     return facts
 
 

@@ -44,15 +44,6 @@ def say(message: str) -> None:
     print(f"[gpu_check] {message}", file=sys.stderr, flush=True)
 
 
-def machine(device: str) -> dict:
-    info = {"device": device, "torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0]}
-    if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, gpus=torch.cuda.device_count(), capability=f"{props.major}.{props.minor}",
-                    memory_gib=round(props.total_memory / 2**30, 1), cudnn=torch.backends.cudnn.version())
-    return info
-
-
 def missing() -> list[str]:
     """The packages of NEEDS that this Python cannot import."""
     return [package for module, package in NEEDS.items() if importlib.util.find_spec(module) is None]
@@ -191,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --device cuda but CUDA is not available here (use --device cpu --quick to try the script)",
               file=sys.stderr)
         return 2
-    summary["machine"] = machine(args.device)
+    from bench.common import machine  # after the check above: it needs pyyaml, psutil and torchvision
+
+    summary["machine"] = machine(torch.device(args.device))
     summary["subreaper"] = adopt_orphans()
     deadline = started + args.budget_s
     write(args.out, summary)

@@ -40,7 +40,7 @@ def cuda_tests() -> dict:
 
 class SyncCounter:
     """Host syncs by the step that made them: each warning of torch.cuda.set_sync_debug_mode('warn') is one.
-    progress() stands in for the tracker's progress bar around the step loop and marks where each step starts."""
+    progress() wraps the step numbers the loop iterates (StepEnd.steps) and marks where each step starts."""
 
     def __init__(self):
         self.caught: list = []
@@ -48,7 +48,7 @@ class SyncCounter:
         self.marks: list[int] = []
         """len(caught) at the start of each step, then once more after the last."""
 
-    def progress(self, iterable, total: int, desc: str):
+    def progress(self, iterable):
         for item in iterable:
             self.marks.append(len(self.caught))
             yield item
@@ -80,8 +80,8 @@ def sync_audit(*, device: str, steps: int, width: int) -> dict:
     from job.checkpoint import Checkpointer
     from job.loop import TrainState, train_one_epoch
     from job.preemption import StopSignal
-    from job.tracking import Tracker
-    from job.train import StepEnd, build
+    from job.build import build
+    from job.steps import StepEnd
 
     counter = SyncCounter()
     with tempfile.TemporaryDirectory() as out:
@@ -93,15 +93,16 @@ def sync_audit(*, device: str, steps: int, width: int) -> dict:
         try:
             host.tune(cfg.train, runtime)  # as job.train: cuDNN's autotuner
             splits = data.load_splits(cfg.data, runtime)
-            parts, tracker = build(cfg, runtime, steps, None), Tracker(cfg, runtime)
+            parts = build(cfg, runtime, steps, None)
             stop = StopSignal([], runtime.backend, cfg.train.stop_check_every_steps)
             on_step = StepEnd(parts, Checkpointer(out, runtime, cfg.to_dict()), stop, 0, [])
 
             def epoch(number: int) -> None:
-                train_one_epoch(parts, splits, cfg, runtime, TrainState(epoch=number), tracker, on_step)
+                train_one_epoch(parts, splits, cfg, runtime, TrainState(epoch=number), on_step)
 
             epoch(0)  # warm-up: first allocations, cuDNN's autotuning
-            tracker.progress = counter.progress
+            numbers = on_step.steps
+            on_step.steps = lambda epoch, start, steps: counter.progress(numbers(epoch, start, steps))
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 counter.caught = caught
@@ -148,16 +149,15 @@ def bench(*, device: str, quick: bool, modes: str, parts: str, timeout_s: float,
 def fast_recipe(*, data_root: str, device: str, seconds: float, workdir: str) -> dict:
     """configs/fast.yaml on data_root for at most `seconds`; accuracy from metrics.jsonl (partial if cut)."""
     from bench.child import child_env, run_child
+    from job import records
 
     out = Path(workdir) / "fast"
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "job.train", "--config", "configs/fast.yaml", f"data.root={data_root}",
            "data.verify=false", f"train.device={device}", "mlflow.enabled=false", f"train.out_dir={out}"]
     child = run_child(cmd, child_env(None, Path(workdir) / "inductor-cache"), Path(workdir) / "fast.log", seconds)
-    path = out / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    epochs = [r for r in records if "val_acc" in r and "epoch" in r]
-    final = next((r for r in records if "test_acc" in r), {})
+    found = records.read(out)
+    epochs, final = found.epochs, found.final or {}
     return {"ok": child.returncode == 0, "returncode": child.returncode, "wall_s": round(child.wall_s, 1),
             "epochs_done": len(epochs), "val_acc": [r["val_acc"] for r in epochs], "test_acc": final.get("test_acc"),
             "images_per_sec": [r["images_per_sec"] for r in epochs],

@@ -7,8 +7,8 @@ It stops cleanly after `epochs` of `epochs + 1` (train.stop_after_epochs): the t
 own; the final test, plots and registry, which no training step waits for, are left out.
 
 Images/s is the median over the epochs after the first (the warm-up, where compilation happens): of the
-per-step times in steps.jsonl where job.train has a `train.step_times` key (proposed), else of the
-per-epoch `images_per_sec` of metrics.jsonl (job.train today has no per-step record).
+per-step times in steps.jsonl (the harness turns train.step_times on), else, where no step after the first
+epoch was timed, of the per-epoch `images_per_sec` of metrics.jsonl (`source` says which).
 
 Launch to first step: metrics.jsonl is created by Tracker.open(), the last thing run() does before the
 first epoch, so its appearance (polled every 10 ms) marks the end of the setup: `launch_to_train_start_s`.
@@ -17,8 +17,6 @@ The first step's own time is estimated as epoch 0's training time less (steps - 
 `launch_to_first_step_s` is the job's own: process start to the first step's start.
 """
 
-import dataclasses
-import json
 import statistics
 import sys
 import tempfile
@@ -26,9 +24,7 @@ from pathlib import Path
 
 from bench.child import child_env, run_child
 from bench.common import Mode
-from job.config import TrainConfig
-
-HAS_STEP_TIMES = "step_times" in {f.name for f in dataclasses.fields(TrainConfig)}
+from job import records
 
 
 def job_args(overrides: list[str], batch: int, steps: int, epochs: int, device: str, out_dir: Path,
@@ -38,7 +34,7 @@ def job_args(overrides: list[str], batch: int, steps: int, epochs: int, device: 
             f"data.test_subset={batch}", f"train.batch_size={batch}", f"train.eval_batch_size={batch}",
             f"train.epochs={epochs + 1}", f"train.stop_after_epochs={epochs}", f"train.device={device}",
             f"train.out_dir={out_dir}", "train.resume=never", "mlflow.enabled=false", *overrides,
-            *(["train.step_times=true"] if HAS_STEP_TIMES else [])]
+            "train.step_times=true"]
 
 
 def run_job(mode: Mode, *, batch: int, steps: int, epochs: int, device: str, workdir: Path, width: int = 64,
@@ -52,13 +48,11 @@ def run_job(mode: Mode, *, batch: int, steps: int, epochs: int, device: str, wor
     args = job_args(overrides, batch, steps, epochs, device, out_dir, width)
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc > 1 else [sys.executable])
-    metrics = out_dir / "metrics.jsonl"
     child = run_child([*launcher, "-m", "job.train", *args], child_env(threads, out_dir / "inductor-cache"),
-                      out_dir / "log.txt", timeout_s, watch=metrics)
+                      out_dir / "log.txt", timeout_s, watch=records.metrics_path(out_dir))
     if child.returncode != 0:
         return {"error": f"job.train exited {child.returncode}", "log_tail": child.log[-3000:]}
-    records = [json.loads(line) for line in metrics.read_text().splitlines()]
-    epochs_ips = [r["images_per_sec"] for r in records if "images_per_sec" in r]
+    epochs_ips = [r["images_per_sec"] for r in records.read(out_dir).epochs]
     if len(epochs_ips) < 2:
         return {"error": f"{len(epochs_ips)} epoch record(s) in metrics.jsonl; need 2 or more"}
     ips = statistics.median(epochs_ips[1:])
@@ -70,16 +64,16 @@ def run_job(mode: Mode, *, batch: int, steps: int, epochs: int, device: str, wor
               "launch_to_first_step_done_s": (child.watch_s or 0.0) + first_step_s, "wall_s": child.wall_s,
               "peak_rss_mib": child.peak_rss_mib, "nproc": nproc, "omp_num_threads": threads,
               "mode": mode.to_dict(), "command": " ".join(args)}
-    return result | _step_figures(out_dir / "steps.jsonl", batch)
+    return result | _step_figures(out_dir, batch)
 
 
-def _step_figures(path: Path, batch: int) -> dict:
-    """From the job's own per-step record, where it writes one: median step after epoch 0, launch to step 1."""
-    if not path.exists():
+def _step_figures(out_dir: Path, batch: int) -> dict:
+    """From the job's own per-step record (steps.jsonl): median step after epoch 0, launch to step 1."""
+    steps = records.read_steps(out_dir)
+    if not steps:
         return {}
-    records = [json.loads(line) for line in path.read_text().splitlines()]
-    timed = [r["step_s"] for r in records if r["epoch"] > 0]
-    out = {"launch_to_first_step_s": records[0].get("since_launch_s"), "first_step_s": records[0]["step_s"]}
+    timed = [r["step_s"] for r in steps if r["epoch"] > 0]
+    out = {"launch_to_first_step_s": steps[0].get("since_launch_s"), "first_step_s": steps[0]["step_s"]}
     if timed:
         out.update(images_per_sec=batch / statistics.median(timed), source="steps.jsonl", steps_timed=len(timed))
     return out

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from bench.child import child_env
 from bench.common import ROOT
+from job import records
 
 W32 = ["data.val_size=2000", "data.train_subset=20000", "model.width=32", "train.epochs=6", "train.batch_size=256",
        "train.lr=0.1", "train.ref_batch_size=128", "train.schedule=onecycle", "train.warmup_epochs=1",
@@ -122,18 +123,17 @@ def plan(names: list[str]) -> list[Run]:
 
 
 def read_metrics(run: Run, out_dir: Path) -> None:
-    path = out_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    run.history = [r for r in records if "epoch" in r and "val_acc" in r]
-    final = [r for r in records if "test_acc" in r]
+    """The run's epochs, best validation accuracy, speed and test accuracy, from its out_dir's metrics.jsonl."""
+    found = records.read(out_dir)
+    run.history = found.epochs
     run.epochs_done = len(run.history)
     if run.history:
         vals = [r["val_acc"] for r in run.history if r["val_acc"] is not None]  # none without a validation split
         run.best_val_acc = max(vals) if vals else None
         speeds = [r["images_per_sec"] for r in run.history[1:]] or [run.history[0]["images_per_sec"]]
         run.images_per_sec = statistics.median(speeds)
-    if final:
-        run.test_acc = final[-1]["test_acc"]
+    if found.final:
+        run.test_acc = found.final["test_acc"]
 
 
 def launch(run: Run, out: Path, overrides: list[str], threads: int) -> subprocess.Popen:

@@ -1,21 +1,17 @@
 """Checkpoints: written by rank 0 only, atomically (temp file, fsync, rename), read with weights_only=True."""
 
-import dataclasses
 import os
 import shutil
 import threading
-from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 import torch.distributed as dist
 
 from job.cli import first_line
-from job.averaging import MODES
-from job.config import Config
-from job.distributed import Runtime, all_agree
-from job.provenance import NOT_RECIPE
+from job.distributed import Runtime, raise_together
+from job.durable import previous, sync_dir, write_atomically  # noqa: F401 (previous: checkpoint.previous)
+from job.outdir import CHECKPOINTS
 
 # what every checkpoint of the job holds; anything else (a bare state_dict, a list) is refused in one line
 KEYS = ("model", "optimizer", "scheduler", "scaler", "train_state", "rng", "config", "world_size")
@@ -27,35 +23,7 @@ class CheckpointError(RuntimeError):
 
 def directory(out_dir: str) -> Path:
     """Where last.pt and best.pt live."""
-    return Path(out_dir) / "checkpoints"
-
-
-def previous(path: Path) -> Path:
-    """Where save(..., keep_previous=True) moves the file it replaces."""
-    return path.with_name(f"{path.stem}.prev{path.suffix}")
-
-
-def write_atomically(path: Path, write: Callable[[BinaryIO], None], keep_previous: bool = False) -> None:
-    """path gets what write(file) writes, so that a crash at any moment leaves either the old file or the new
-    one (a temp file, fsync, rename, the directory fsynced); whatever write or the filesystem raised, re-raised
-    once the temp file is gone.
-
-    keep_previous moves the old file to previous(path) first: a fallback should the new one be unreadable.
-    """
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if keep_previous and path.exists():
-            os.replace(path, previous(path))
-        os.replace(tmp, path)
-        sync_dir(path.parent)
-    except BaseException:  # not only OSError: torch.save raises RuntimeError on a full disk
-        tmp.unlink(missing_ok=True)
-        raise
+    return Path(out_dir) / CHECKPOINTS
 
 
 def save(state: dict, path: Path, keep_previous: bool = False) -> None:
@@ -159,8 +127,8 @@ class Checkpointer:
     def _agree(self, error: CheckpointError | None, what: str) -> None:
         """Raise error on rank 0 and a CheckpointError on the others if rank 0 had one (a collective where there
         is a process group)."""
-        if self.world_size > 1 and dist.is_initialized() and not all_agree(error is None, self.device):
-            raise error or CheckpointError(f"rank 0 {what} (its error line says why)")
+        if self.world_size > 1 and dist.is_initialized():
+            raise_together(error, self.device, CheckpointError(f"rank 0 {what} (its error line says why)"))
         if error is not None:
             raise error
 
@@ -230,141 +198,3 @@ def same_file(source: Path, path: Path) -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous one is intact") from None
-
-
-def sync_dir(directory: Path) -> None:
-    """fsync a directory: makes the renames in it durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def resume_from(resume: str, out_dir: str, warn) -> tuple[Path, dict] | None:
-    """(path, state) of the checkpoint to continue from, or None to start fresh, following train.resume.
-
-    `auto` falls back to last.prev.pt (with a warning) when last.pt is missing or unreadable; `never`
-    refuses an out_dir that already holds a checkpoint, so that nothing trained is overwritten.
-    """
-    path = resume_path(resume, out_dir)
-    if path is None:
-        return None
-    try:
-        return path, load(path)
-    except CheckpointError as e:
-        if resume != "auto" or not previous(path).is_file():
-            raise
-        warn(f"{e}; using the previous checkpoint {previous(path)}")
-        return previous(path), load(previous(path))
-
-
-def resume_path(resume: str, out_dir: str) -> Path | None:
-    """The checkpoint file train.resume names (None: start fresh)."""
-    last = directory(out_dir) / "last.pt"
-    if resume == "auto":
-        return last if last.is_file() or previous(last).is_file() else None
-    if resume == "never":
-        if last.is_file() or previous(last).is_file():
-            raise CheckpointError(f"{out_dir} already holds a checkpoint ({last}); use train.resume=auto to "
-                                  f"continue it or choose another train.out_dir")
-        return None
-    if not Path(resume).is_file():
-        raise CheckpointError(f"train.resume: checkpoint not found: {resume}")
-    if last.is_file() and last.resolve() != Path(resume).resolve():
-        # a requeue or restart of a launch that began from another run's checkpoint: go on from this out_dir's
-        # own, newer one, not back to where it started
-        return last
-    return Path(resume)
-
-
-def check_model(state: dict, model_config: dict, path: Path) -> None:
-    """Refuse a checkpoint of a different model shape with one line that says what differs."""
-    # a key newer than the checkpoint had its default then (model.bn_momentum, model.zero_init_residual)
-    saved = with_defaults(state.get("config", {}))["model"]
-    diff = [f"{k}={saved.get(k)} (config says {v})" for k, v in model_config.items() if saved.get(k) != v]
-    if diff:
-        raise CheckpointError(f"checkpoint {path} is for another model: " + ", ".join(diff))
-
-
-# Keys a resume may change; they apply from its first step and are named in one line. Any other key of the model,
-# data or training recipe that differs from the checkpoint's is refused: the weights, optimizer state, schedule
-# or data order in the checkpoint were made with it, so a new value would hold only in config.yaml.
-RESUME_APPLIES = {"train.epochs", "train.label_smoothing", "train.clip_grad_norm", "train.tta", "train.precision",
-                  "train.sync_bn", "train.eval_batch_size", "data.mixup_alpha", "data.cutmix_alpha", "data.cutout",
-                  "data.crop_padding", "data.pad_mode", "data.flip",
-                  "data.test_subset", "data.root", "data.download", "data.verify", "data.url", "data.md5"}
-# where outputs go and how the launch runs (and how fast), not what is trained: changed silently
-RESUME_SILENT = {f"train.{k}" for k in (*NOT_RECIPE, "channels_last", "compile", "reuse_host_memory",
-                                        "grad_compression", "bucket_mb", "device")}
-
-
-def with_defaults(saved: dict) -> dict:
-    """A saved config with the keys added to the job since it was written at their defaults, which is what the
-    run had then (a checkpoint from before train.bn_bias_lr_mult trained with 1)."""
-    defaults = dataclasses.asdict(Config())
-    return {section: {**defaults.get(section, {}), **(values if isinstance(values, dict) else {})}
-            for section, values in {**defaults, **saved}.items()}
-
-
-def config_changes(saved: dict, cfg) -> tuple[list[str], list[str]]:
-    """("key old -> new" a resume applies, those it refuses) between a saved config and this launch's."""
-    applies, refused = [], []
-    saved = with_defaults(saved)
-    for section, values in cfg.to_dict().items():
-        if section == "mlflow":
-            continue
-        for key, value in values.items():
-            name, old = f"{section}.{key}", saved.get(section, {}).get(key, value)
-            if old != value and name not in RESUME_SILENT:
-                (applies if name in RESUME_APPLIES else refused).append(f"{name} {old} -> {value}")
-    return applies, refused
-
-
-def resume_changes(state: dict, cfg, path: Path) -> list[str]:
-    """The settings this launch changes from the checkpoint's ("key old -> new"), after refusing, in one line,
-    those a resume cannot honour (job/checkpoint.py RESUME_APPLIES says which it can)."""
-    changes, refused = config_changes(state["config"], cfg)
-    done = state["train_state"]["epoch"] + (1 if state["train_state"].get("step") else 0)  # a begun epoch counts
-    if cfg.train.epochs < done:
-        verb = "begun" if state["train_state"].get("step") else "done"
-        refused.append(f"train.epochs {cfg.train.epochs} (the checkpoint has {verb} {done} epochs)")
-    precisions = {state["config"]["train"].get("precision"), cfg.train.precision}
-    if "fp16" in precisions and len(precisions) > 1:
-        refused.append("train.precision to or from fp16 (its loss scaler's state does not carry over)")
-    if refused:
-        raise CheckpointError(f"cannot resume {path} with {'; '.join(refused)}: set it back, or train from "
-                              f"scratch in another train.out_dir")
-    return changes
-
-
-def world_size_change(state: dict, world_size: int, batch_size: int, steps: int) -> str | None:
-    """The resume line when the checkpoint was written at another world size; None at the same one.
-
-    The global batch is the config's, so steps per epoch and the LR schedule stay (floor(n / batch) at any
-    world size), and each epoch's permutation depends on (seed, epoch) only: the first k steps at any world
-    size take its first k x batch images, so an interrupted epoch goes on with exactly those not yet seen."""
-    was = state["world_size"]
-    if was == world_size:
-        return None
-    epoch, step = state["train_state"]["epoch"], state["train_state"].get("step", 0)
-    where = (f"epoch {epoch + 1} goes on at step {step} of {steps} with the images the {was} rank(s) had not "
-             f"reached" if step else f"epoch {epoch + 1} starts at its beginning")
-    return (f"resume: world size {was} -> {world_size}: per-rank batch {batch_size // was} -> "
-            f"{batch_size // world_size} (global {batch_size}, {steps} steps per epoch and the LR schedule "
-            f"unchanged); {where}; augmentation draws and BatchNorm batches differ from here on from a run "
-            f"that stayed at {was}")
-
-
-def check_compatible(state: dict, cfg, path: Path) -> None:
-    """Before any work: the checkpoint holds the model this config builds, and EMA weights exactly when it
-    keeps an EMA (resuming across that would lose them or start from nothing)."""
-    check_model(state, cfg.to_dict()["model"], path)
-    t, was = cfg.train, state["config"]["train"]
-    kept = [mode for mode, averager in MODES.items() if averager.state_key in state]
-    if kept != ([t.ema_mode] if t.ema_decay else []):
-        said = f"train.ema_decay={was.get('ema_decay', 0.0)}" + (f" ema_mode={kept[0]}" if kept and kept[0] != "average"
-                                                                  else "")
-        now = f"{t.ema_decay}" + (f" ema_mode={t.ema_mode}" if t.ema_decay and t.ema_mode != "average" else "")
-        raise CheckpointError(f"checkpoint {path} was trained with {said}: resume it with the same "
-                              f"(this launch has {now})")

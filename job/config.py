@@ -1,4 +1,5 @@
-"""The job's configuration: typed dataclasses (the one source of defaults), YAML files, key=value overrides.
+"""The job's configuration: typed dataclasses (the one source of defaults), each key's role declared on the key,
+and load(): defaults, then a YAML file, then key=value overrides (job/configfile.py reads their text safely).
 
 Every check lives here and runs before any work starts; a bad value raises ConfigError with one line
 that names the key.
@@ -8,8 +9,6 @@ import dataclasses
 import difflib
 import math
 import os
-import re
-import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,18 +16,13 @@ from pathlib import Path
 
 import yaml
 
+from job import configfile
+from job.configfile import show
+from job.mlflow_env import password_problem
+
 
 class ConfigError(ValueError):
     """A configuration mistake; its message is one line meant for the user."""
-
-
-def redact(uri: str) -> str:
-    """Hide a password or token written into a URI: https://user:secret@host -> https://user:***@host,
-    https://TOKEN@host -> https://***@host (http(s) only: postgresql://user@db names a user), ?token=... (or key,
-    password, secret, access_token) -> ?token=***."""
-    uri = re.sub(r"(//[^/@:]+:)[^/@]+@", r"\1***@", uri)
-    uri = re.sub(r"^(https?://)(?![^/@]*\*\*\*@)[^/@:]+@", r"\1***@", uri)  # a bare token (db users stay)
-    return re.sub(r"([?&](?:token|access_token|key|api_key|password|secret)=)[^&#]*", r"\1***", uri, flags=re.I)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -40,6 +34,19 @@ def _check_types(section: object, name: str) -> None:
     """Coerce and check every field of a section against its annotation (so direct construction is checked too)."""
     for f in dataclasses.fields(section):
         setattr(section, f.name, _coerce(f"{name}.{f.name}", getattr(section, f.name), f.type))
+
+
+# A key's role, declared on the key (field metadata); the recipe hash, the report and the resume rules read it:
+RECIPE = "recipe"    # shapes what is trained: in the recipe; a resume refuses a change (its weights were made with it)
+APPLIES = "applies"  # in the recipe; a resume may change it, from its first step on (the change is named in a line)
+SEED = "seed"        # which of several runs of a recipe: in config_hash, refused on resume, not in the report's recipe
+SPEED = "speed"      # how fast the same training runs (layout, compilation, device): in config_hash; resume may change
+LAUNCH = "launch"    # where outputs go, how a launch is chunked, watched or tracked: in no hash; resume may change
+
+
+def role(kind: str, default=dataclasses.MISSING, *, factory=dataclasses.MISSING):
+    """A field of the role kind (a field without one is RECIPE)."""
+    return field(default=default, default_factory=factory, metadata={"role": kind})
 
 
 Signal = typing.Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP"]
@@ -69,34 +76,34 @@ class ModelConfig:
 class DataConfig:
     source: typing.Literal["cifar10", "synthetic"] = "cifar10"
     """cifar10 (files under root) or synthetic (a generated, learnable stand-in of the same shapes)."""
-    root: str = "data"
+    root: str = role(APPLIES, "data")
     """Directory that holds (or will hold) cifar-10-batches-py/."""
-    download: bool = False
+    download: bool = role(APPLIES, False)
     """Download CIFAR-10 into root if missing (local rank 0 of each node; the others wait)."""
-    verify: bool = True
+    verify: bool = role(APPLIES, True)
     """Check the md5 of each standard CIFAR-10 file; false accepts a re-encoded copy."""
-    url: str = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+    url: str = role(APPLIES, "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz")
     """Where to download the archive from (a local mirror, say)."""
-    md5: str = "c58f30108f718f92721af3b95e74349a"
+    md5: str = role(APPLIES, "c58f30108f718f92721af3b95e74349a")
     """md5 of the archive at url."""
     val_size: int = 5000
     """Training images held out for validation (a fixed split, taken first); 0 = no validation."""
     train_subset: int | None = None
     """Train on a fixed random N of the images left after the validation split (quick runs)."""
-    test_subset: int | None = None
+    test_subset: int | None = role(APPLIES, None)
     """Test on a fixed random N of the test images, the same in every run (quick runs)."""
-    crop_padding: int = 4
+    crop_padding: int = role(APPLIES, 4)
     """Random translation: a 32x32 crop of the image padded by this many pixels on each side; 0 = off."""
-    pad_mode: typing.Literal["zeros", "reflect"] = "zeros"
+    pad_mode: typing.Literal["zeros", "reflect"] = role(APPLIES, "zeros")
     """How the crop's padding is filled: zeros (black borders) or reflect (the image mirrored at its edges)."""
-    flip: typing.Literal["random", "alternate", "none"] = "random"
+    flip: typing.Literal["random", "alternate", "none"] = role(APPLIES, "random")
     """Horizontal flips in training: random (each image, each epoch, p=0.5), alternate (each image flipped on every
     other epoch, its first epoch's side random: every image seen both ways in each pair of epochs) or none."""
-    cutout: int = 0
+    cutout: int = role(APPLIES, 0)
     """Side of a square cut out of each training image (filled with the dataset mean); 0 = off."""
-    mixup_alpha: float = 0.0
+    mixup_alpha: float = role(APPLIES, 0.0)
     """MixUp on each device batch (torchvision.transforms.v2.MixUp), Beta(alpha, alpha); 0 = off."""
-    cutmix_alpha: float = 0.0
+    cutmix_alpha: float = role(APPLIES, 0.0)
     """CutMix on each device batch (v2.CutMix); 0 = off; with mixup_alpha too, one of the two per batch."""
 
     def __post_init__(self):
@@ -117,7 +124,7 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    epochs: int = 200
+    epochs: int = role(APPLIES, 200)
     """Passes over the training set."""
     batch_size: int = 512
     """Global batch size, split evenly over the ranks."""
@@ -129,7 +136,7 @@ class TrainConfig:
     """SGD (Nesterov) momentum."""
     weight_decay: float = 5e-4
     """L2 penalty on conv and linear weights (not on BatchNorm or biases)."""
-    label_smoothing: float = 0.1
+    label_smoothing: float = role(APPLIES, 0.1)
     """Label smoothing of the training loss."""
     ema_decay: float = 0.0
     """Weight averaging (0 = off). ema_mode=average: an EMA of the weights and BatchNorm buffers, its decay warmed up
@@ -146,73 +153,73 @@ class TrainConfig:
     whiten_stem: bool = False
     """Initialise conv1 from the whitening of the training images' 3x3 patches (first 5,000 images) instead of
     at random; training then moves it as any other layer."""
-    tta: typing.Literal["none", "flip", "multicrop"] = "flip"
+    tta: typing.Literal["none", "flip", "multicrop"] = role(APPLIES, "flip")
     """Test-time augmentation in validation, test and the registered model: flip averages the logits of the image
     and its mirror (+0.7 points at width 32, 3 seeds: BENCHMARKS.md); multicrop adds the pairs shifted one pixel
     up-left and down-right (weights 1/2, 1/4, 1/4; 6 forward passes)."""
-    sync_bn: typing.Literal["auto", True, False] = "auto"
+    sync_bn: typing.Literal["auto", True, False] = role(APPLIES, "auto")
     """SyncBatchNorm across ranks (CUDA only): auto turns it on when a rank's batch is below 32 images."""
-    clip_grad_norm: float = 0.0
+    clip_grad_norm: float = role(APPLIES, 0.0)
     """Clip the global gradient norm to this (0 = off)."""
     schedule: typing.Literal["cosine", "onecycle"] = "cosine"
     """After warmup: cosine (to 0) or onecycle (linear to 0)."""
     warmup_epochs: float = 5.0
     """Epochs of linear warmup from 0 to the peak learning rate."""
-    seed: int = 0
+    seed: int = role(SEED, 0)
     """Seeds the model init, the data order and the augmentation."""
-    precision: typing.Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: typing.Literal["auto", "fp32", "bf16", "fp16"] = role(APPLIES, "auto")
     """auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32, bf16 (autocast) or fp16 (+ scaler)."""
-    channels_last: bool = True
+    channels_last: bool = role(SPEED, True)
     """Use the channels_last memory format for the model and the batches (faster on CPU and GPU here)."""
-    compile: bool = False
+    compile: bool = role(SPEED, False)
     """Compile the model with torch.compile."""
-    threads: int = 0
+    threads: int = role(LAUNCH, 0)
     """Intra-op CPU threads per process; 0 = the CPUs this process may use, divided by the local ranks."""
-    reuse_host_memory: bool = True
+    reuse_host_memory: bool = role(SPEED, True)
     """glibc keeps freed host memory for the next step instead of unmapping it (no page faults per step)."""
-    step_times: bool = False
+    step_times: bool = role(LAUNCH, False)
     """Write every optimizer step's duration to <out_dir>/steps.jsonl (benchmarks; no host sync on CUDA)."""
-    grad_compression: typing.Literal["none", "bf16"] = "none"
+    grad_compression: typing.Literal["none", "bf16"] = role(SPEED, "none")
     """none, or bf16: DDP all-reduces gradients in bfloat16 (half the bytes; torch's bf16_compress_hook)."""
-    bucket_mb: int = 25
+    bucket_mb: int = role(SPEED, 25)
     """DDP gradient bucket size in MiB."""
-    device: typing.Literal["auto", "cuda", "cpu"] = "auto"
+    device: typing.Literal["auto", "cuda", "cpu"] = role(SPEED, "auto")
     """auto (CUDA if present, else CPU), cuda or cpu."""
-    eval_batch_size: int = 1024
+    eval_batch_size: int = role(APPLIES, 1024)
     """Per-rank batch size for validation and test."""
-    out_dir: str = "runs/senet"
+    out_dir: str = role(LAUNCH, "runs/senet")
     """Where config.yaml, metrics.jsonl and checkpoints/ go."""
-    resume: str = "auto"
+    resume: str = role(LAUNCH, "auto")
     """auto (continue from out_dir's last.pt if there is one), never, or a checkpoint path."""
-    stop_after_epochs: int | None = None
+    stop_after_epochs: int | None = role(LAUNCH, None)
     """Stop cleanly after this many epochs in this launch (walltime-limited allocations); resume continues."""
-    timeout_s: int = 600
+    timeout_s: int = role(LAUNCH, 600)
     """Timeout of collective operations, seconds."""
-    checkpoint_every_steps: int = 0
+    checkpoint_every_steps: int = role(LAUNCH, 0)
     """Also write last.pt every N optimizer steps inside an epoch (0 = at epoch ends only)."""
-    deterministic: bool = False
+    deterministic: bool = role(LAUNCH, False)
     """CUDA: deterministic kernels (torch.use_deterministic_algorithms, no cuDNN autotuning, a fixed cuBLAS
     workspace) so that a resume is bitwise equal to an uninterrupted run; slower. The CPU is deterministic."""
-    checkpoint_every_epochs: int = 1
+    checkpoint_every_epochs: int = role(LAUNCH, 1)
     """Write last.pt every N epochs (and at an epoch with the best validation accuracy, the last epoch and a stop)."""
-    stop_signals: list[Signal] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGINT"])
+    stop_signals: list[Signal] = role(LAUNCH, factory=lambda: ["SIGTERM", "SIGUSR1", "SIGINT"])
     """Signals that make all ranks stop at the next step, checkpoint, and exit 143 (resumable); [] = none."""
-    log_every_s: float = 30.0
+    log_every_s: float = role(LAUNCH, 30.0)
     """Where stdout is not a terminal (batch logs), rank 0 prints a progress line at most this often (0 = off)."""
-    log_every_steps: int = 0
+    log_every_steps: int = role(LAUNCH, 0)
     """Also print that line every this many steps (0 = off); a line reads the device's running sums (a host
     sync) only then."""
-    profile: bool = False
+    profile: bool = role(LAUNCH, False)
     """torch.profiler over profile_warmup + profile_active steps after profile_skip, into <out_dir>/profile/."""
-    profile_skip: int = 5
+    profile_skip: int = role(LAUNCH, 5)
     """Steps of this launch before the profiled window (start-up, cuDNN autotuning, compilation)."""
-    profile_warmup: int = 2
+    profile_warmup: int = role(LAUNCH, 2)
     """Steps the profiler runs but discards (its own start-up)."""
-    profile_active: int = 5
+    profile_active: int = role(LAUNCH, 5)
     """Steps recorded into the trace and the op table."""
-    profile_ranks: typing.Literal["rank0", "all"] = "rank0"
+    profile_ranks: typing.Literal["rank0", "all"] = role(LAUNCH, "rank0")
     """Profile rank 0 only, or every rank (each into <out_dir>/profile/rank<N>/)."""
-    stop_check_every_steps: int = 10
+    stop_check_every_steps: int = role(LAUNCH, 10)
     """Ask all ranks about stop signals every this many steps (and at each epoch's end): one all-reduce per check,
     whose answer is read at the next one, so a stop comes within 2x this many steps of the signal."""
 
@@ -265,26 +272,26 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class MlflowConfig:
-    enabled: bool = True
+    enabled: bool = role(LAUNCH, True)
     """Track the run in MLflow (rank 0 only); false runs without mlflow installed."""
-    tracking_uri: str = ""
+    tracking_uri: str = role(LAUNCH, "")
     """Tracking server or store; empty: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db."""
-    experiment: str = "senet-cifar10"
+    experiment: str = role(LAUNCH, "senet-cifar10")
     """Experiment name."""
-    run_name: str = ""
+    run_name: str = role(LAUNCH, "")
     """Run name; empty lets MLflow pick one."""
-    registered_model: str = "senet18-cifar10"
+    registered_model: str = role(LAUNCH, "senet18-cifar10")
     """Model registry name the trained model is registered under."""
-    promote_margin: float = 0.0
+    promote_margin: float = role(LAUNCH, 0.0)
     """@champion moves to a new version only if its val_acc beats the champion's by more than this."""
-    required: bool = True
+    required: bool = role(LAUNCH, True)
     """Fail at start if the tracking server is unreachable; false: warn and keep metrics.jsonl only."""
-    flush_timeout_s: int = 300
+    flush_timeout_s: int = role(LAUNCH, 300)
     """At the end, how long to keep retrying an absent tracking server before giving up (warning)."""
-    export_pt2: bool = True
+    export_pt2: bool = role(LAUNCH, True)
     """Also log the registered model as a pickle-free torch.export program (extra_files/model.pt2: ~46 MB at
     full width, ~2.5 s at registration)."""
-    log_every_steps: int = 0
+    log_every_steps: int = role(LAUNCH, 0)
     """Also log the running train loss/accuracy and images/s at a step axis every this many steps (0 = off;
     best effort: a step metric the server misses is not retried; each is a request rank 0 waits for)."""
 
@@ -296,9 +303,8 @@ class MlflowConfig:
                  and name not in (".", "..") and len(name) <= 250,
                  f"mlflow.registered_model {name!r} is not a name MLflow accepts (non-empty, no '/', ':' or "
                  f"quotes, no surrounding spaces, at most 250 characters)")
-        _require(redact(self.tracking_uri) == self.tracking_uri,
-                 f"mlflow.tracking_uri {redact(self.tracking_uri)} holds a password: set MLFLOW_TRACKING_USERNAME "
-                 f"and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment instead")
+        password = password_problem(self.tracking_uri, "mlflow.tracking_uri")
+        _require(password is None, password or "")
         _require(self.promote_margin >= 0, f"mlflow.promote_margin must be >= 0, got {self.promote_margin}")
         _require(self.flush_timeout_s >= 0, f"mlflow.flush_timeout_s must be >= 0, got {self.flush_timeout_s}")
         _require(self.log_every_steps >= 0,
@@ -313,8 +319,19 @@ class Config:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
     def to_dict(self) -> dict:
-        """Nested plain dict (for YAML, checkpoints and MLflow params)."""
+        """Nested plain dict (for YAML and checkpoints)."""
         return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, object]:
+        """{"train.lr": 0.1, ...}: every key by its full name (MLflow's params, the recipe hash)."""
+        return {f"{section}.{key}": value
+                for section, values in self.to_dict().items() for key, value in values.items()}
+
+
+def roles() -> dict[str, str]:
+    """Every key's role: {"train.lr": RECIPE, "train.out_dir": LAUNCH, ...} (see role())."""
+    return {f"{name}.{f.name}": f.metadata.get("role", RECIPE)
+            for name, cls in _sections().items() for f in dataclasses.fields(cls)}
 
 
 def _sections() -> dict[str, type]:
@@ -337,16 +354,6 @@ def _one_of(options: tuple) -> str:
     return f"{', '.join(rest)} or {last}" if rest else last
 
 
-def _show(value: object, limit: int = 40) -> str:
-    """value's repr for a message: at most about limit characters, built without the repr of the whole of it
-    (a value in a config may be a megabyte long)."""
-    short = reprlib.Repr()
-    short.maxstring = short.maxlong = short.maxother = limit
-    short.maxlist = short.maxtuple = short.maxdict = short.maxset = 4
-    short.maxlevel = 2
-    return short.repr(value)
-
-
 def _finite(key: str, number: float) -> float:
     if not math.isfinite(number) or abs(number) > 1e30:  # inf trains to NaN; 1e300 overflows on the way
         raise ConfigError(f"{key} must be a finite number no larger than 1e30, got {number!r}")
@@ -359,12 +366,12 @@ def _coerce(key: str, value, annotation):
         options = typing.get_args(annotation)
         if any(type(value) is type(option) and value == option for option in options):  # 1 is not True
             return value
-        raise ConfigError(f"{key} must be {_one_of(options)}, got {_show(value)}")
+        raise ConfigError(f"{key} must be {_one_of(options)}, got {show(value)}")
     if typing.get_origin(annotation) is list:
         if isinstance(value, str):  # the older form, "SIGTERM,SIGUSR1"
             value = [item.strip() for item in value.split(",") if item.strip()]
         if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list or a comma-separated string, got {_show(value)}")
+            raise ConfigError(f"{key} must be a list or a comma-separated string, got {show(value)}")
         (item_type,) = typing.get_args(annotation)
         return [_coerce(f"{key}[{i}]", item, item_type) for i, item in enumerate(value)]
     allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
@@ -375,7 +382,7 @@ def _coerce(key: str, value, annotation):
             return value
         if kind is int and isinstance(value, int) and not isinstance(value, bool):
             if abs(value) >= 2**31:  # every count, size and seed here fits; larger ones overflow torch or C
-                raise ConfigError(f"{key} must be below 2**31 in magnitude, got {_show(value)}")
+                raise ConfigError(f"{key} must be below 2**31 in magnitude, got {show(value)}")
             return value
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return _finite(key, float(value))
@@ -389,7 +396,7 @@ def _coerce(key: str, value, annotation):
             return str(value)
     names = " or ".join({bool: "a boolean", int: "an integer", float: "a number", str: "a string",
                          type(None): "null"}[k] for k in allowed)
-    raise ConfigError(f"{key} must be {names}, got {_show(value)}")
+    raise ConfigError(f"{key} must be {names}, got {show(value)}")
 
 
 def _merge(tree: dict, values: dict, origin: str, raw: str | None = None) -> None:
@@ -404,7 +411,7 @@ def _merge(tree: dict, values: dict, origin: str, raw: str | None = None) -> Non
         if section not in sections:
             raise _unknown(str(section))
         if not isinstance(entries, dict):
-            raise ConfigError(f"{section} in {origin} must be a mapping of keys, got {_show(entries)}")
+            raise ConfigError(f"{section} in {origin} must be a mapping of keys, got {show(entries)}")
         fields = {f.name: f for f in dataclasses.fields(sections[section])}
         for name, value in entries.items():
             key = f"{section}.{name}"
@@ -415,93 +422,17 @@ def _merge(tree: dict, values: dict, origin: str, raw: str | None = None) -> Non
             tree[section][name] = value
 
 
-MAX_CONFIG_BYTES = 2**20  # a config is a few kB: a larger file is a mistake, or meant to exhaust the parser
-
-
-class AliasUsed(yaml.YAMLError):
-    """A YAML alias (*name) where a config is read."""
-
-    def __init__(self, anchor: str, line: int):
-        super().__init__(f"a YAML alias (*{anchor}) at line {line}")
-        self.anchor, self.line = anchor, line
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML's safe loader without aliases: a config has no use for them, and nested ones expand without bound
-    (nine aliases of nine aliases, nine deep, are 9**9 strings from 300 bytes, and a message's repr of them)."""
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise AliasUsed(event.anchor, event.start_mark.line + 1)
-        return super().compose_node(parent, index)
-
-
-def _yaml(text: str, where: str) -> object:
-    """text parsed as YAML by _Loader; AliasUsed, yaml.YAMLError, or ValueError (an integer of more digits than
-    Python converts, 4300) on what it cannot take; ConfigError naming where for nesting deeper than Python recurses."""
-    try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 -- _Loader is a SafeLoader
-    except RecursionError:  # thousands of [ or {: PyYAML's composer recurses once per level
-        raise ConfigError(f"{where} is nested too deeply to be a config (thousands of levels)") from None
-
-
-def _parse_override(text: str) -> tuple[str, str, object, str]:
-    key, sep, raw = text.partition("=")
-    if not sep or "." not in key:
-        raise ConfigError(f"override {_show(text)} must look like section.key=value (e.g. train.epochs=10)")
-    section, _, name = key.strip().partition(".")
-    try:
-        value = _yaml(raw, f"override {_show(key.strip())}") if raw.strip() else ""
-    except AliasUsed as e:
-        raise ConfigError(f"override {_show(key.strip())} uses a YAML alias (*{_show(e.anchor)}): a config has no "
-                          f"use for anchors and aliases, and they can expand without bound; write the value out")
-    except (yaml.YAMLError, ValueError):  # not YAML (or too many digits): the text as typed, which _coerce checks
-        value = raw
-    return section, name, value, raw
-
-
 def load(path: str | None = None, overrides: list[str] = ()) -> Config:
     """Defaults, then the YAML file at path, then key=value overrides; checked as a whole."""
     tree = {name: {} for name in _sections()}
-    if path is not None:
-        try:
-            with open(Path(path).expanduser(), "rb") as f:
-                data = f.read(MAX_CONFIG_BYTES + 1)  # no more than that is read, whatever the file is
-                size = os.fstat(f.fileno()).st_size
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-        if len(data) > MAX_CONFIG_BYTES:
-            raise ConfigError(f"config file {path} is {f'{size:,}' if size > MAX_CONFIG_BYTES else 'more than that many'} "
-                              f"bytes; a config is a few kB (the limit is {MAX_CONFIG_BYTES:,})")
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}): is it the YAML file?") from None
-        try:
-            values = _yaml(text, str(path))
-        except ConfigError:
-            raise
-        except AliasUsed as e:
-            raise ConfigError(f"{path} uses {e}: a config has no use for anchors and aliases, and they can expand "
-                              f"without bound; write the values out") from None
-        except yaml.YAMLError as e:
-            where = getattr(e, "problem_mark", None)
-            line = f" at line {where.line + 1}" if where else ""
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ConfigError(f"invalid YAML in {path}{line}: {problem}") from None
-        except ValueError as e:  # PyYAML converting an integer of more than 4300 digits
-            raise ConfigError(f"invalid YAML in {path}: {_show(str(e), 80)}") from None
-        if values is not None and not isinstance(values, dict):  # `false`, a list, a bare word: not "all defaults"
-            shown = values[:40] if isinstance(values, str) else _show(values)
-            raise ConfigError(f"{path} must be a mapping of sections (model, data, train, mlflow), "
-                              f"got {type(values).__name__} {shown!r}")
-        _merge(tree, values or {}, path)
-    for text in overrides:
-        section, name, value, raw = _parse_override(text)
-        _merge(tree, {section: {name: value}}, "override", raw)
+    try:
+        if path is not None:
+            _merge(tree, configfile.read(path) or {}, path)
+        for text in overrides:
+            section, name, value, raw = configfile.parse_override(text)
+            _merge(tree, {section: {name: value}}, "override", raw)
+    except configfile.Refused as e:
+        raise ConfigError(str(e)) from None
     try:
         return Config(**{name: cls(**tree[name]) for name, cls in _sections().items()})
     except TypeError as e:  # a field the dataclass rejects; _merge should have caught it

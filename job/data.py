@@ -21,7 +21,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from job import cli, synthetic
 from job.config import DataConfig
-from job.distributed import Runtime, all_agree
+from job.distributed import Runtime, raise_together
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
@@ -175,8 +175,8 @@ def _prepare_cifar10(cfg: DataConfig, runtime: Runtime) -> None:
             download(cfg.root, cfg.url, cfg.md5)
         except DataError as e:
             error = e
-    if not all_agree(error is None, runtime.device):
-        raise error or DataError("CIFAR-10 download failed on another rank (its log has the reason)")
+    raise_together(error, runtime.device,
+                   DataError("CIFAR-10 download failed on another rank (its log has the reason)"))
     check(cfg.root, cfg.verify)
 
 

@@ -69,7 +69,7 @@ def flight_recorder_env(trace_dir: Path, environ: Mapping[str, str]) -> dict[str
     """Where NCCL's Flight Recorder dumps on a timeout (<trace_dir>/rank_<N>, one file per rank) unless the
     launch names a place: torch's default is /tmp of each node, gone with the node. Both names, for the torch
     releases that read only the older one. The launch files turn the recorder on (TORCH_FR_BUFFER_SIZE,
-    TORCH_NCCL_DUMP_ON_TIMEOUT); README "Seeing inside a run" shows how to read a dump."""
+    TORCH_NCCL_DUMP_ON_TIMEOUT); docs/observability.md ("Hangs") shows how to read a dump."""
     if any(name in environ for name in FR_DUMP_VARS):
         return {}
     return {name: f"{trace_dir}/rank_" for name in FR_DUMP_VARS}
@@ -142,6 +142,13 @@ def teardown() -> None:
     _health_group = None  # dropped before the groups go, not left to the interpreter's shutdown
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def raise_together(error: Exception | None, device: torch.device, elsewhere: Exception) -> None:
+    """After a step that only some ranks do (rank 0 writes, local rank 0 downloads), every rank calls this: all
+    return if none failed; else each raises, its own error or, where it had none, elsewhere (one all-reduce)."""
+    if not all_agree(error is None, device):
+        raise error or elsewhere
 
 
 def all_agree(ok: bool, device: torch.device) -> bool:

@@ -13,12 +13,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from job import checkpoint, cli, config, data, distributed, registry
+from job import cli, config, data, distributed, registry
 from job.checkpoint import CheckpointError
 from job.config import ConfigError
 from job.data import DataError, eval_shard, normalize
 from job.distributed import Runtime
-from senet import senet, with_tta
+from senet import with_tta
 
 
 @dataclass
@@ -87,17 +87,12 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, runti
     return Scores(loss=float(loss_sum) / int(confusion.sum()), confusion=confusion)
 
 
-def load_model(source: str, runtime: Runtime, tracking_uri: str = "") -> tuple[nn.Module, bool]:
-    """(model, takes_uint8) from a checkpoint path or an MLflow model URI (models:/..., runs:/...).
-
-    Registry models carry their own normalisation and take uint8 images; checkpoints hold the bare SENet.
-    For a URI, rank 0 alone talks to MLflow and broadcasts the model to the other ranks.
-    """
+def load_model(source: str, runtime: Runtime, tracking_uri: str = "", tta: str = "flip") -> nn.Module:
+    """The model behind a checkpoint path, a .pt2 or an MLflow model URI (models:/..., runs:/...), taking uint8
+    images with its normalisation inside (job/registry.py load): a checkpoint with train.tta (tta), a registered
+    model with the TTA its run used. For a URI, rank 0 alone talks to MLflow and broadcasts the model."""
     if not registry.is_logged(source):
-        state = checkpoint.load(source)
-        model = senet(**state["config"]["model"])
-        model.load_state_dict(checkpoint.weights(state))  # the EMA's when the run kept one
-        return model.to(runtime.device), False
+        return registry.load(source, runtime.device, tta=tta)
     box = [None]
     if runtime.is_main:
         try:
@@ -107,7 +102,7 @@ def load_model(source: str, runtime: Runtime, tracking_uri: str = "") -> tuple[n
     dist.broadcast_object_list(box, src=0)
     if isinstance(box[0], str):
         raise CheckpointError(box[0])
-    return box[0].to(runtime.device), True
+    return box[0].to(runtime.device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,11 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config.load(args.config, args.overrides)
         runtime = distributed.setup(cfg.train.device, cfg.train.timeout_s)
-        model, takes_uint8 = load_model(args.model, runtime, cfg.mlflow.tracking_uri)
+        model = load_model(args.model, runtime, cfg.mlflow.tracking_uri, cfg.train.tta)
         images, labels = data.load_test(cfg.data, runtime)
         scores = evaluate(model, images, labels, runtime, batch_size=cfg.train.eval_batch_size,
-                          normalize_inputs=not takes_uint8,
-                          tta="none" if takes_uint8 else cfg.train.tta)  # a registered model carries its run's TTA
+                          normalize_inputs=False)  # the model normalises, and applies its TTA, itself
     except (ConfigError, DataError, CheckpointError, distributed.LaunchError) as e:
         cli.error(str(e))
         return 1

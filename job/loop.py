@@ -2,8 +2,9 @@
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -15,7 +16,6 @@ from job.averaging import EMA, Lookahead
 from job.config import Config
 from job.data import Splits
 from job.distributed import Runtime
-from job.tracking import Tracker
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -79,6 +79,14 @@ class TrainState:
         self.epoch, self.step, self.partial = record["epoch"] + 1, 0, [0.0, 0.0, 0.0]
         self.history.append(record)
         return best
+
+
+class StepChannel(Protocol):
+    """What train_one_epoch asks of the rest of the job around its steps (job/steps.py StepEnd is the one)."""
+
+    def steps(self, epoch: int, start: int, steps: int) -> Iterable[int]: ...
+    def __call__(self, state: TrainState, step: int, steps: int, sums: torch.Tensor) -> None: ...
+    def epoch_end(self, epoch: int, start: int) -> None: ...
 
 
 @dataclass
@@ -162,11 +170,12 @@ def hits(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def train_one_epoch(parts: Parts, splits: Splits, cfg: Config, runtime: Runtime, state: TrainState,
-                    tracker: Tracker, on_step: Callable[[TrainState, int, int, torch.Tensor], None]) -> dict:
+                    on_step: StepChannel) -> dict:
     """This rank's shard of epoch state.epoch from step state.step; loss and accuracy over all ranks.
 
-    on_step(state, step, steps, sums) runs after every optimizer step: the stop-signal check and step
-    checkpoints (train.StepEnd). tracker draws the progress bar and times the steps.
+    on_step is the one channel to the rest of the job (job/steps.py): on_step.steps() gives the step numbers (a
+    progress bar), on_step(state, step, steps, sums) runs after every optimizer step (hooks, the stop check, step
+    checkpoints, the step clock), on_step.epoch_end() records the step times.
     """
     t = cfg.train
     epoch, start = state.epoch, state.step
@@ -180,10 +189,8 @@ def train_one_epoch(parts: Parts, splits: Splits, cfg: Config, runtime: Runtime,
     d = cfg.data
     # loss sum, correct, count: what earlier launches counted of this epoch (once, on rank 0), then this one's
     sums = torch.tensor(state.partial if runtime.is_main else [0.0] * 3, dtype=torch.float64, device=runtime.device)
-    clock = tracker.step_clock()
     parts.train_model.train()
-    for step in tracker.progress(range(start, steps), steps - start, f"epoch {epoch + 1}"):
-        clock.mark()
+    for step in on_step.steps(epoch, start, steps):
         idx = order[step * per_rank:(step + 1) * per_rank]
         g = data.step_generator(t.seed, epoch, step, runtime.rank, runtime.device)
         x = data.augment(splits.train_x[idx], g, d.cutout, padding=d.crop_padding, pad_mode=d.pad_mode,
@@ -202,10 +209,9 @@ def train_one_epoch(parts: Parts, splits: Splits, cfg: Config, runtime: Runtime,
         sums[1] += hits(logits, target)
         sums[2] += len(y)
         on_step(state, step + 1, steps, sums)
-    clock.mark()
     if parts.ema is not None:
         parts.ema.end_epoch()
-    tracker.log_steps(epoch, start, clock)
+    on_step.epoch_end(epoch, start)
     dist.all_reduce(sums)
     loss_sum, correct, count = sums.tolist()
     return {"train_loss": loss_sum / count, "train_acc": correct / count,

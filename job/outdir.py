@@ -1,4 +1,18 @@
-"""One owner per train.out_dir, and the mark of a finished run.
+"""train.out_dir: its layout, its one owner, and the mark of a finished run.
+
+Every name in out_dir is set here (metrics.jsonl's and steps.jsonl's in job/records.py, which owns those files):
+
+    out_dir/
+        config.yaml                   the resolved config of the latest launch (CONFIG; job/train.py)
+        metrics.jsonl                 one record per epoch, then the test's (job/records.py)
+        steps.jsonl                   every optimizer step's seconds, with train.step_times (job/records.py)
+        checkpoints/                  last.pt, last.prev.pt, best.pt (CHECKPOINTS; job/checkpoint.py)
+        learning_curves.png           figures of the finished run (LEARNING_CURVES, CONFUSION_MATRIX;
+        confusion_matrix.png            job/tracking.py draws them with job/plots.py)
+        profile/rank<N>/              train.profile's trace and op table per rank (PROFILE; job/profile.py)
+        nccl_trace/rank_<N>           NCCL's flight recorder, dumped on a collective timeout (NCCL_TRACE)
+        .owner                        the lock of the launch that owns out_dir (OWNER)
+        finished.json                 the mark of a finished run (FINISHED)
 
 The owner is the process of global rank 0: it holds a POSIX record lock (fcntl.lockf) on out_dir/.owner for the
 whole run and writes who it is (host, pid, start time) into that file. A second launch on the same out_dir finds
@@ -20,12 +34,20 @@ import fcntl
 import json
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import torch.distributed as dist
 
-from job import checkpoint, cli
+from job import cli
+from job.durable import write_atomically
 
+CONFIG = "config.yaml"
+CHECKPOINTS = "checkpoints"
+LEARNING_CURVES = "learning_curves.png"
+CONFUSION_MATRIX = "confusion_matrix.png"
+PROFILE = "profile"
+NCCL_TRACE = "nccl_trace"
 OWNER = ".owner"
 FINISHED = "finished.json"
 
@@ -82,19 +104,19 @@ def _read(fd: int) -> str:
     return os.pread(fd, 4096, 0).decode(errors="replace").strip()
 
 
-def claim(cfg, runtime) -> tuple[Ownership, str | None]:
-    """Rank 0 takes out_dir and reads its finished.json; every rank learns the outcome (a collective).
+def claim(out_dir: str, runtime, finished: Callable[[], str | None]) -> tuple[Ownership, str | None]:
+    """Rank 0 takes out_dir, then asks finished() (job/resume.py finished_line: whether this launch would only
+    repeat a finished run); every rank learns the outcome (a collective).
 
-    Returns (the ownership, the "already finished" line when this launch would only repeat a finished run, else
-    None); raises OutDirError on every rank when out_dir is owned by a live launch, unusable, or finished with
-    other settings."""
-    ownership, outcome = Ownership(cfg.train.out_dir), None
+    Returns (the ownership, finished()'s line or None); raises OutDirError on every rank when out_dir is owned by
+    a live launch or unusable, or finished() raised it (a run finished with other settings)."""
+    ownership, outcome = Ownership(out_dir), None
     if runtime.is_main:
         try:
             note = ownership.acquire()
             if note:
                 cli.warning(note)
-            outcome = ("ok", finished_line(cfg))
+            outcome = ("ok", finished())
         except OutDirError as e:
             ownership.release()
             outcome = ("error", str(e))
@@ -104,33 +126,6 @@ def claim(cfg, runtime) -> tuple[Ownership, str | None]:
     if kind == "error":
         raise OutDirError(text)
     return ownership, text
-
-
-def finished_line(cfg) -> str | None:
-    """The "already finished" line when out_dir holds a finished run of this very config; None when it holds no
-    finished run; raises OutDirError when it holds one made with other settings (a relaunch would lie)."""
-    if cfg.train.resume == "never":  # a fresh start was asked for: the checkpoint there is refused (resume_path)
-        return None
-    path = Path(cfg.train.out_dir) / FINISHED
-    try:
-        done = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise OutDirError(f"{path} is unreadable ({e}); delete it to run the end of the job again") from None
-    problem = _not_finished_record(done)
-    if problem:
-        raise OutDirError(f"{path} is unreadable (not a finished run's record: {problem}); delete it to run the end "
-                          f"of the job again")
-    applies, refused = checkpoint.config_changes(done["config"], cfg)
-    if applies or refused or cfg.train.resume_file:
-        what = ", ".join(applies + refused) or f"train.resume={cfg.train.resume}"
-        raise OutDirError(f"train.out_dir {cfg.train.out_dir} holds a run finished with other settings ({what}); "
-                          f"to train on from it use a new out_dir with "
-                          f"train.resume={checkpoint.directory(cfg.train.out_dir) / 'last.pt'}")
-    run = f", MLflow run {done['mlflow_run_id']}" if done.get("mlflow_run_id") else ""
-    return (f"already finished: {cfg.train.out_dir} (test_acc {done['test_acc']:.4f} after {done['epochs']} "
-            f"epochs{run}); nothing to do")
 
 
 def _not_finished_record(done: object) -> str | None:
@@ -151,7 +146,24 @@ def _not_finished_record(done: object) -> str | None:
     return None
 
 
+def read_finished(out_dir: str) -> dict | None:
+    """out_dir's finished.json (None: there is none); OutDirError with one line when it is not a finished run's
+    record (unreadable, not JSON, or not the shape mark_finished writes)."""
+    path = Path(out_dir) / FINISHED
+    try:
+        done = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise OutDirError(f"{path} is unreadable ({e}); delete it to run the end of the job again") from None
+    problem = _not_finished_record(done)
+    if problem:
+        raise OutDirError(f"{path} is unreadable (not a finished run's record: {problem}); delete it to run the end "
+                          f"of the job again")
+    return done
+
+
 def mark_finished(out_dir: str, record: dict) -> None:
     """Write finished.json atomically and durably (once the run's results, MLflow's included, are complete)."""
     text = json.dumps(record, indent=1) + "\n"
-    checkpoint.write_atomically(Path(out_dir) / FINISHED, lambda f: f.write(text.encode()))
+    write_atomically(Path(out_dir) / FINISHED, lambda f: f.write(text.encode()))

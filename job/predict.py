@@ -12,9 +12,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
-from torch.export.passes import move_to_device_pass
 
-from job import checkpoint, cli, exported, registry
+from job import cli, registry
 from job.checkpoint import CheckpointError
 from job.data import CLASSES
 
@@ -26,21 +25,10 @@ MAX_PIXELS = 8192 * 8192
 
 
 def load(source: str, device: torch.device) -> nn.Module:
-    """The model behind source on device, taking uint8 images (N, 3, 32, 32) and returning logits: an MLflow URI
-    (models:/..., runs:/...), an exported .pt2, or a job checkpoint (built as its run registers it: normalisation
-    and the run's train.tta included)."""
+    """The model behind source on device (job/registry.py load: an MLflow URI, a .pt2 or a checkpoint)."""
     if registry.is_logged(source):
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr is for errors here
-        return registry.load_logged(source).to(device)
-    if source.endswith(".pt2"):
-        if not os.path.isfile(source):
-            raise CheckpointError(f"exported model not found: {source}")
-        program = exported.load(source)  # torch.export.load alone unpickles, eval()s and exec()s what it is given
-        # an exported graph holds its tensors' devices: moved by this pass, not by .to()
-        return move_to_device_pass(program, device).module()
-    state = checkpoint.load(source)
-    saved = state["config"]
-    return registry.servable(checkpoint.weights(state), saved["model"], saved["train"]["tta"]).to(device)
+    return registry.load(source, device)
 
 
 def read_image(path: str) -> torch.Tensor:

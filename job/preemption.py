@@ -17,7 +17,7 @@ import torch.distributed as dist
 # Exit code of a worker that stopped on a signal after writing its checkpoint: 128 + SIGTERM, and above
 # all not 0, so that no launcher mistakes a preempted job for a finished one. Under torchrun the pod or
 # task sees torchrun's own code instead (1 after it was sent SIGTERM itself), so the launch files
-# retry on any failure of a signalled job rather than on this number (README, "Preemption").
+# retry on any failure of a signalled job rather than on this number (docs/restarts.md, "Preemption").
 PREEMPTED_EXIT_CODE = 143
 
 

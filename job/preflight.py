@@ -71,19 +71,20 @@ def check_out_dir(cfg: config.Config) -> str:
 def check_start(cfg: config.Config, runtime: Runtime) -> str:
     """job.train's own start checks: batch vs world size, SyncBN, data size, out_dir's owner, finished state,
     the checkpoint to resume and what this launch would change in it."""
-    from job import train
-    from job.outdir import Ownership, finished_line
+    from job import resume
+    from job.launch import check_launch, steps_per_epoch
+    from job.outdir import Ownership
 
-    train.check_launch(cfg, runtime)
+    check_launch(cfg, runtime)
     images = _training_images(cfg)
-    steps = train.steps_per_epoch(cfg, runtime, images)
-    done = finished_line(cfg)  # job.train's own decision, refusals included
+    steps = steps_per_epoch(cfg, runtime, images)
+    done = resume.finished_line(cfg)  # job.train's own decision, refusals included
     if done:
         return f"{done}: job.train would exit 0 at once"
     ownership = Ownership(cfg.train.out_dir)
     ownership.acquire()  # raises the owner's name if a launch holds it; the file stays (an empty .owner)
     ownership.release()
-    return f"{images} training images, {steps} steps per epoch; {train.resume_plan(cfg)}"
+    return f"{images} training images, {steps} steps per epoch; {resume.plan(cfg).words()}"
 
 
 def _training_images(cfg: config.Config) -> int:
@@ -97,7 +98,7 @@ def check_mlflow(cfg: config.Config) -> str:
         return "mlflow.enabled=false: skipped"
     from job.registry import model_name
     from job.store import store_lock
-    from job.tracking import fail_fast, tracking_uri
+    from job.mlflow_env import fail_fast, redact, tracking_uri
 
     fail_fast()
     import mlflow
@@ -110,7 +111,7 @@ def check_mlflow(cfg: config.Config) -> str:
     if experiment is not None and experiment.lifecycle_stage == "deleted":
         raise RuntimeError(f"experiment {cfg.mlflow.experiment!r} is deleted: restore it or choose another")
     state = "exists" if experiment is not None else "will be created"
-    return f"{config.redact(uri)} answers; experiment {cfg.mlflow.experiment!r} {state}; registers as {model_name(cfg)}"
+    return f"{redact(uri)} answers; experiment {cfg.mlflow.experiment!r} {state}; registers as {model_name(cfg)}"
 
 
 def run_checks(cfg: config.Config, runtime: Runtime, rendezvous_s: float) -> list[tuple[str, bool, str]]:

@@ -18,17 +18,18 @@ from torch.profiler import ProfilerActivity, profile, schedule
 from job.config import Config
 from job.distributed import Runtime
 from job.loop import TrainState
+from job.outdir import PROFILE
 
 MEMORY_EVENTS = 100_000
 
 
 class StepProfiler:
-    """The per-step hook (train.StepEnd calls it) that moves torch.profiler's schedule one step on; a context
+    """The per-step hook (job/steps.py's StepEnd calls it) that moves torch.profiler's schedule one step on; a context
     manager around the epochs, so that a run ending inside the window still writes (and stops recording)."""
 
     def __init__(self, cfg: Config, runtime: Runtime, say: Callable[[str], None]):
         t = cfg.train
-        self.dir = Path(t.out_dir) / "profile" / f"rank{runtime.rank}"
+        self.dir = Path(t.out_dir) / PROFILE / f"rank{runtime.rank}"
         self.cuda = runtime.device.type == "cuda"
         self.say, self.skip, self.steps, self.done, self.recording = say, t.profile_skip, 0, False, False
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])

@@ -20,7 +20,7 @@ from job.tracking import Tracker
 
 
 class Progress:
-    """The per-step hook (train.StepEnd calls it); build() returns None when nothing is asked, so the loop
+    """The per-step hook (job/steps.py's StepEnd calls it); build() returns None when nothing is asked, so the loop
     then pays nothing."""
 
     def __init__(self, cfg: Config, tracker: Tracker, *, lines: bool, mlflow_every: int):
@@ -36,7 +36,7 @@ class Progress:
     def build(cfg: Config, runtime: Runtime, tracker: Tracker) -> "Progress | None":
         t = cfg.train
         lines = runtime.is_main and not sys.stdout.isatty() and bool(t.log_every_s or t.log_every_steps)
-        mlflow_every = cfg.mlflow.log_every_steps if runtime.is_main and tracker.mlflow else 0
+        mlflow_every = cfg.mlflow.log_every_steps if runtime.is_main and tracker.sends_to_mlflow else 0
         return Progress(cfg, tracker, lines=lines, mlflow_every=mlflow_every) if lines or mlflow_every else None
 
     def __call__(self, state: TrainState, step: int, steps: int, sums: torch.Tensor) -> None:

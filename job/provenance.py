@@ -8,21 +8,27 @@ from pathlib import Path
 
 import torch
 
+from job import config
 from job.config import Config
 from job.distributed import Runtime
 
-# train.* settings that say where outputs go or how a launch is chunked or watched, not what is trained
-NOT_RECIPE = ("out_dir", "resume", "stop_after_epochs", "stop_signals", "timeout_s", "checkpoint_every_steps",
-              "checkpoint_every_epochs", "deterministic", "step_times", "threads", "log_every_s", "log_every_steps",
-              "profile", "profile_skip", "profile_warmup", "profile_active", "profile_ranks", "stop_check_every_steps")
+def recipe(params: dict[str, object], *, seed: bool = True) -> dict[str, str]:
+    """The settings of params ({"train.lr": 0.1}, or an MLflow run's params as strings) that make the recipe: all
+    but the LAUNCH keys (job/config.py's roles), and the seed only if seed. A key this version does not know (an
+    older run's) counts, unless it is MLflow's own."""
+    roles, skip = config.roles(), {config.LAUNCH} | (set() if seed else {config.SEED})
+    return {key: str(value) for key, value in params.items()
+            if roles.get(key, config.LAUNCH if key.startswith("mlflow.") else config.RECIPE) not in skip}
+
+
+def recipe_hash(params: dict[str, object], *, seed: bool = True) -> str:
+    """Short hash of recipe(params, seed=seed): the same for a Config's flat() and the MLflow params logged from it."""
+    return hashlib.sha256(json.dumps(recipe(params, seed=seed), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def config_hash(cfg: Config) -> str:
-    """Short hash of the settings that shape the model and its training (not where outputs go)."""
-    tree = cfg.to_dict()
-    tree["train"] = {k: v for k, v in tree["train"].items() if k not in NOT_RECIPE}
-    tree.pop("mlflow")
-    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:12]
+    """The run's recipe hash, seed included (where outputs go, how the launch is chunked and MLflow are not)."""
+    return recipe_hash(cfg.flat())
 
 
 def git_commit(path: Path = Path(__file__).resolve().parent) -> tuple[str, bool | None] | None:

@@ -57,13 +57,38 @@ def load_logged(source: str, tracking_uri: str = "") -> nn.Module:
 
     from job.checkpoint import CheckpointError
     from job.cli import first_line
-    from job.tracking import tracking_uri as resolve
+    from job.mlflow_env import tracking_uri as resolve
 
     mlflow.set_tracking_uri(resolve(tracking_uri))
     try:
         return mlflow.pytorch.load_model(source, map_location="cpu")
     except Exception as e:  # MLflow raises its own and the store's exceptions: the message says which
         raise CheckpointError(f"cannot load model {source}: {first_line(e)}") from None
+
+
+def load(source: str, device: torch.device, *, tracking_uri: str = "", tta: str | None = None) -> nn.Module:
+    """The model behind source on device, taking uint8 images (N, 3, 32, 32) and returning logits, in eval mode:
+    an MLflow URI (models:/..., runs:/...: its run's TTA inside), an exported .pt2, or a job checkpoint (built as
+    its run registers it: normalisation, and its run's train.tta unless tta names another). CheckpointError with one
+    line for what cannot be loaded (job.evaluate and job.predict both load through here)."""
+    import os
+
+    from job import checkpoint, exported
+    from job.checkpoint import CheckpointError
+
+    if is_logged(source):
+        return load_logged(source, tracking_uri).to(device)
+    if source.endswith(".pt2"):
+        if not os.path.isfile(source):
+            raise CheckpointError(f"exported model not found: {source}")
+        from torch.export.passes import move_to_device_pass
+
+        program = exported.load(source)  # torch.export.load alone unpickles, eval()s and exec()s what it is given
+        # an exported graph holds its tensors' devices: moved by this pass, not by .to()
+        return move_to_device_pass(program, device).module()
+    state = checkpoint.load(source)
+    saved = state["config"]
+    return servable(checkpoint.weights(state), saved["model"], tta or saved["train"]["tta"]).to(device)
 
 
 def export(model: nn.Module, example: torch.Tensor, path: Path) -> None:

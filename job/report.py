@@ -8,7 +8,6 @@ validation accuracy per epoch (mean over its runs, min-max band).
 """
 
 import argparse
-import hashlib
 import json
 import statistics
 import sys
@@ -17,15 +16,9 @@ from pathlib import Path
 from job import cli, provenance
 from job.config import MlflowConfig
 
-# params that say where outputs go, how a launch is chunked or which seed it is: not part of the recipe
-NOT_RECIPE = ("train.seed", *(f"train.{key}" for key in provenance.NOT_RECIPE))
-
-
 def recipe_of(params: dict[str, str]) -> tuple[str, dict[str, str]]:
-    """(hash, settings) of a run's logged config, without the seed, the outputs and MLflow's own settings."""
-    settings = {k: v for k, v in params.items() if k not in NOT_RECIPE and not k.startswith("mlflow.")}
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    return digest, settings
+    """(hash, settings) of a run's logged config as a recipe: without the seed, the outputs and MLflow's settings."""
+    return provenance.recipe_hash(params, seed=False), provenance.recipe(params, seed=False)
 
 
 def summarize(runs: list[dict]) -> list[dict]:
@@ -57,7 +50,7 @@ def fetch(tracking_uri: str, experiment: str) -> list[dict]:
     """Every FINISHED run of the experiment that logged test_acc, with its params and summary metrics."""
     import mlflow
 
-    from job.tracking import fail_fast, tracking_uri as resolve
+    from job.mlflow_env import fail_fast, tracking_uri as resolve
 
     fail_fast()
     uri = resolve(tracking_uri)

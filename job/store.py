@@ -1,7 +1,7 @@
 """The MLflow store as the job meets it: a new sqlite store created by one launch at a time, its failures said in
 one line (a full disk as such), and MLflow's own multi-line reports of them kept out of the log.
 
-Imports nothing of MLflow: the Tracker (job/tracking.py) and preflight call these around their own MLflow calls.
+Imports nothing of MLflow: the MLflow run (job/mlflow_run.py) and preflight call these around their own MLflow calls.
 """
 
 import contextlib

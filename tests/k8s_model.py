@@ -13,7 +13,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from job import config
+from job import config, mlflow_env
 from job.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -293,7 +292,7 @@ def security_problems(pod: Pod, uid: int, home: str | None = None) -> list[str]:
         for e in c.get("env", []):
             if "value" in e and SECRET_NAME.search(e["name"]):
                 problems.append(f"{name}: env {e['name']} holds a literal value; use a secretKeyRef")
-            if "value" in e and config.redact(e["value"]) != e["value"]:
+            if "value" in e and mlflow_env.redact(e["value"]) != e["value"]:
                 problems.append(f"{name}: env {e['name']} holds a URI with a password")
     if pod.training:
         for c in spec["containers"]:
@@ -737,13 +736,6 @@ def mlflow_server() -> tuple[dict, dict, list[str]]:
     command = container["command"] + container.get("args", [])
     assert command[:2] == ["mlflow", "server"]
     return deployment, container, command[2:]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_status(port: int, path: str, host: str, user: tuple[str, str] | None = None) -> int:

@@ -72,6 +72,7 @@ def test_ratios_and_the_fastest_mode_come_from_the_parts():
     assert out["summary"]["launch_to_train_start_s_without_compile"] == 4.0
 
 
+@pytest.mark.slow
 def test_quick_run_writes_every_section_with_positive_figures(tmp_path):
     """Every part but bare_step and job, which the GPU check's CPU mode runs through the same harness
     (tests/test_gpu_check.py);
@@ -100,6 +101,7 @@ def test_quick_run_writes_every_section_with_positive_figures(tmp_path):
     assert f"| {modes[0]} |" in result.stdout  # the markdown table
 
 
+@pytest.mark.slow
 def test_recipes_trains_each_arm_and_seed_and_reports_mean_and_std(tmp_path):
     """bench.recipes end to end at a tiny size: one job.train child per (arm, seed), the table from their
     metrics.jsonl, the same table again from summary.json; a budget stops a run, which is not counted."""
@@ -149,6 +151,7 @@ def test_every_arm_of_every_plan_is_a_valid_config():
     assert {run.arm for run in recipes.plan(["proxy"])} == {f"proxy-{arm}" for arm in recipes.PROXY_ARMS}
 
 
+@pytest.mark.slow
 def test_the_device_script_runs_its_accuracy_plan_in_tiny_cpu_mode(tmp_path):
     """bench/device.sh as a lent GPU runs it, at a CPU's size: the plan's arms train, the summary lands in $OUT."""
     done = subprocess.run(["bash", "bench/device.sh"], cwd=ROOT, capture_output=True, text=True, timeout=400,

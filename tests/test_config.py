@@ -8,7 +8,7 @@ import typing
 import pytest
 import yaml
 
-from job import config, train
+from job import config, mlflow_env, train
 from job.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig
 from job.preemption import StopSignal
 from tests.conftest import run_job
@@ -256,7 +256,7 @@ def test_a_tilde_in_a_path_means_the_home_directory():
 
 
 def test_a_token_in_the_tracking_uri_is_refused_and_redacted():
-    assert config.redact("postgresql://mlflow@db:5432/mlflow") == "postgresql://mlflow@db:5432/mlflow"  # a user
+    assert mlflow_env.redact("postgresql://mlflow@db:5432/mlflow") == "postgresql://mlflow@db:5432/mlflow"  # a user
     for uri, shown in [("https://dapi123abc@mlflow.example.com", "https://***@mlflow.example.com"),
                        ("https://mlflow.example.com/?token=abc&x=1", "https://mlflow.example.com/?token=***&x=1")]:
         with pytest.raises(ConfigError) as info:
@@ -281,3 +281,43 @@ def test_yaml_nested_deeper_than_python_recurses_is_one_line(tmp_path):
     assert str(e.value) == f"{deep} is nested too deeply to be a config (thousands of levels)"
     with pytest.raises(ConfigError, match=r"^train.epochs must be an integer, got '\[\[\[.*\.\.\.\[+'$"):
         config.load(None, ["train.epochs=" + "[" * 5000])  # an override not YAML is its text, checked as such
+
+
+# ---- each key's role, declared on the key ----------------------------------------------------------------------
+
+def test_every_key_declares_one_of_the_roles():
+    roles = config.roles()
+    assert set(roles) == {f"{s}.{f.name}" for s in ("model", "data", "train", "mlflow")
+                          for f in dataclasses.fields(getattr(Config(), s))}
+    assert set(roles.values()) == {config.RECIPE, config.APPLIES, config.SEED, config.SPEED, config.LAUNCH}
+    assert {k for k, r in roles.items() if r == config.SEED} == {"train.seed"}
+    assert all(r == config.LAUNCH for k, r in roles.items() if k.startswith("mlflow."))
+
+
+@pytest.mark.parametrize("key", sorted(config.roles()))
+def test_a_keys_role_decides_the_hashes_and_the_resume(key):
+    """Changing one key changes config_hash unless it is LAUNCH, the report's recipe unless it is LAUNCH or SEED,
+    and a resume applies it (APPLIES), refuses it (RECIPE, SEED) or takes it silently (SPEED, LAUNCH)."""
+    from job import provenance, resume
+
+    role, cfg = config.roles()[key], Config()
+    changed = {**cfg.flat(), key: "another value"}
+    assert (provenance.recipe_hash(changed) == provenance.config_hash(cfg)) == (role == config.LAUNCH)
+    assert (provenance.recipe_hash(changed, seed=False) == provenance.recipe_hash(cfg.flat(), seed=False)) == (
+        role in (config.LAUNCH, config.SEED))
+    saved = cfg.to_dict()
+    section, name = key.split(".")
+    saved[section][name] = "another value"
+    applies, refused = resume.config_changes(saved, cfg)
+    expected = {config.APPLIES: ([key], []), config.RECIPE: ([], [key]), config.SEED: ([], [key])}.get(role, ([], []))
+    assert ([c.split()[0] for c in applies], [c.split()[0] for c in refused]) == expected
+
+
+def test_the_recipe_hash_of_a_config_and_of_its_mlflow_params_is_one():
+    """The report groups MLflow runs by the hash job.train tags them with (its params are the config's, as strings)."""
+    from job import provenance, report
+
+    cfg = config.load(overrides=["train.seed=3", "train.out_dir=/elsewhere", "train.lr=0.2"])
+    params = {key: str(value) for key, value in cfg.flat().items()}
+    assert provenance.recipe_hash(params) == provenance.config_hash(cfg)
+    assert report.recipe_of(params)[0] == provenance.recipe_hash(Config(train=TrainConfig(lr=0.2)).flat(), seed=False)

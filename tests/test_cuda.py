@@ -2,12 +2,12 @@
 flag, 2-GPU DDP with compile. Skipped with a reason where CUDA (or a second GPU) is absent; bench/gpu_check.py
 runs this file first on a GPU machine."""
 
-import json
 import signal
 
 import pytest
 import torch
 
+from job import records
 from tests.conftest import TINY, assert_same_as, kill_tree, read_metrics, run_job, start_job, train_state, wait_until
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (none on this machine)")
@@ -40,7 +40,7 @@ def test_step_times_come_from_cuda_events(tmp_path):
     out = tmp_path / "out"
     result = run_job([*CUDA, "train.epochs=1", "train.step_times=true", f"train.out_dir={out}"])
     assert result.returncode == 0, result.stderr[-3000:]
-    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    steps = records.read_steps(out)
     assert len(steps) == 1024 // 64 and all(s["step_s"] > 0 for s in steps)
 
 

@@ -7,7 +7,6 @@ cifar-10-batches-py/, packed as cifar-10-python.tar.gz) with a few hundred learn
 import functools
 import hashlib
 import http.server
-import json
 import os
 import pickle
 import subprocess
@@ -22,7 +21,7 @@ import torch
 import torchvision.datasets.cifar as tv_cifar
 from torchvision.datasets.utils import extract_archive
 
-from job import data
+from job import data, records
 from job.data import DataError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -52,7 +51,7 @@ def error_lines(stderr: str) -> list[str]:
 
 
 def metrics(out_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return records.read(out_dir).lines
 
 
 @pytest.fixture
@@ -343,6 +342,7 @@ def test_train_without_data_fails_cleanly(tmp_path):
     assert checked.returncode == 2 and checked.stderr == result.stderr
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_download_once_and_train(server, tmp_path):
     # How many requests one download makes (torchvision probes the URL for redirects first).
     data.download(str(tmp_path / "probe"), server["url"], server["md5"])

@@ -15,7 +15,7 @@ import torch
 
 from bench import gpu_parts
 from job import loop
-from job.tracking import Tracker
+from job.steps import StepEnd
 from tests.conftest import ROOT, TINY, job_env, kill_tree, read_metrics
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -25,6 +25,7 @@ def gpu_check(*args: str) -> list[str]:
     return [sys.executable, "-m", "bench.gpu_check", "--device", "cpu", "--quick", *args]
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_every_part_end_to_end_in_cpu_quick_mode(tmp_path):
     """As CI can run it: CUDA tests (skipped here), the loop's sync audit, the bench harness; compile parts are
     left out in --quick, fast_recipe without --data-root, and the summary says so."""
@@ -61,6 +62,7 @@ def alive(tag: str) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_an_overrunning_part_is_killed_with_every_process_under_it_and_the_next_part_runs(tmp_path):
     """GPU_CHECK_OVERRUN makes cuda_tests hang past a 5 s limit, leaving a process in its group, one in a session of
     its own and a daemon; the summary says so as soon as it is killed, none of them survives, sync_audit runs."""
@@ -109,7 +111,7 @@ def test_the_sync_audit_fails_on_a_sync_in_any_step_and_allows_the_epochs_edges(
         return step(*args, **kwargs)
 
     monkeypatch.setattr(loop, "train_step", syncing_step)
-    monkeypatch.setattr(Tracker, "log_steps", lambda *a, **k: warnings.warn(sync))  # after the last step
+    monkeypatch.setattr(StepEnd, "epoch_end", lambda *a, **k: warnings.warn(sync))  # after the last step
     audit = gpu_parts.sync_audit(device="cpu", steps=4, width=8)
     assert not audit["ok"] and audit["steps_with_syncs"] == [3] and audit["syncs_in_steps"] == 1
     assert audit["syncs_at_epoch_edges"] == 1 and audit["first_syncs"][0].startswith("step 3: ")

@@ -3,8 +3,11 @@
 import time
 
 import psutil
+import pytest
 
 from tests.conftest import TINY, kill_tree, start_job, wait_until
+
+pytestmark = pytest.mark.slow  # torchrun launches (tests/conftest.py SLOW_FIXTURES)
 
 
 def test_a_stopped_rank_is_named_instead_of_a_hang(tmp_path):

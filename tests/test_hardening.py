@@ -13,11 +13,10 @@ import torch
 from torch import nn
 
 import senet
-from job import config, outdir, predict, registry
+from job import config, outdir, predict, registry, resume
 from job.config import Config, ConfigError
 from job.data import Splits
 from job.distributed import Runtime
-from job.loop import TrainState
 from job.tracking import Tracker
 
 CPU = Runtime(rank=0, local_rank=0, world_size=1, local_world_size=1, num_nodes=1, device=torch.device("cpu"),
@@ -69,7 +68,7 @@ def test_three_first_launches_on_a_new_sqlite_store_all_open_their_runs(tmp_path
     import mlflow  # noqa: F401  (imported before the fork: the children only open the store)
 
     monkeypatch.chdir(tmp_path)  # the experiment's artifacts: ./mlruns
-    monkeypatch.setattr("job.tracking._has_module", lambda name: False)  # no system-metrics threads to fork into
+    monkeypatch.setattr("job.tracking.has_module", lambda name: False)  # no system-metrics threads to fork into
     cfg = tracked(tmp_path, "array")
     context = multiprocessing.get_context("fork")
     barrier, results = context.Barrier(3), context.Queue()
@@ -90,7 +89,7 @@ def test_a_full_mlflow_store_is_one_warning_line_saying_so(tmp_path, new_store, 
     from mlflow.tracking._tracking_service.utils import _get_store
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("job.tracking._has_module", lambda name: False)  # no system-metrics thread: only our lines
+    monkeypatch.setattr("job.tracking.has_module", lambda name: False)  # no system-metrics thread: only our lines
     cfg = tracked(tmp_path, "full", new_store)
     tracker = Tracker(cfg, CPU)
     tracker._open_mlflow([], None)
@@ -105,8 +104,8 @@ def test_a_full_mlflow_store_is_one_warning_line_saying_so(tmp_path, new_store, 
     try:
         for epoch in range(40):  # enough rows to need a new page
             tracker.log_epoch({**EPOCH, "epoch": epoch}, epochs=40, eta_s=0)
-            tracker.retry_at = 0  # no back-off: every epoch tries the store
-        assert tracker.pending, "the store never filled: the test proves nothing"
+            tracker.run.retry_at = 0  # no back-off: every epoch tries the store
+        assert tracker.run.pending, "the store never filled: the test proves nothing"
     finally:
         sqlalchemy.event.remove(engine, "connect", full)
         engine.dispose()
@@ -128,7 +127,7 @@ def test_a_relaunch_after_a_kill_during_registration_logs_one_model_and_test_acc
     import mlflow
 
     monkeypatch.chdir(tmp_path)  # the experiment's artifacts: ./mlruns
-    monkeypatch.setattr("job.tracking._has_module", lambda name: False)
+    monkeypatch.setattr("job.tracking.has_module", lambda name: False)
     cfg = tracked(tmp_path, "killed", new_store)
     out = tmp_path / "out"
     config.dump(cfg, out / "config.yaml")
@@ -170,14 +169,11 @@ def test_a_relaunch_after_a_kill_during_registration_logs_one_model_and_test_acc
 
 
 def test_a_resume_whose_epochs_are_all_done_says_what_is_left():
-    from job.train import resume_note
+    from job.resume import Plan
 
-    state = TrainState()
-    state.epoch = 3
-    assert resume_note("runs/x/checkpoints/last.pt", state, 3) == (
-        "resuming runs/x/checkpoints/last.pt: all 3 epochs done; testing and registering")
-    state.epoch, state.step = 1, 4
-    assert resume_note("runs/x/checkpoints/last.pt", state, 3) == "resuming runs/x/checkpoints/last.pt at epoch 2 step 4"
+    plan = Plan(Path("runs/x/checkpoints/last.pt"), {})
+    assert plan.note(3, 0, 3) == "resuming runs/x/checkpoints/last.pt: all 3 epochs done; testing and registering"
+    assert plan.note(1, 4, 3) == "resuming runs/x/checkpoints/last.pt at epoch 2 step 4"
 
 
 # ---- finished.json that is not a finished run's record ------------------------------------------------------
@@ -194,7 +190,7 @@ def test_a_finished_json_of_another_shape_is_one_unreadable_line(tmp_path, text)
     cfg.train.out_dir = str(tmp_path)
     (tmp_path / outdir.FINISHED).write_text(text)
     with pytest.raises(outdir.OutDirError) as info:
-        outdir.finished_line(cfg)
+        resume.finished_line(cfg)
     message = str(info.value)
     assert message.startswith(f"{tmp_path / outdir.FINISHED} is unreadable (") and "\n" not in message
     assert message.endswith("delete it to run the end of the job again")
@@ -205,7 +201,7 @@ def test_a_finished_json_of_this_config_still_reads(tmp_path):
     cfg.train.out_dir = str(tmp_path)
     outdir.mark_finished(str(tmp_path), {"test_acc": 0.5, "epochs": 3, "mlflow_run_id": None,
                                          "config": cfg.to_dict()})
-    assert outdir.finished_line(cfg) == f"already finished: {tmp_path} (test_acc 0.5000 after 3 epochs); nothing to do"
+    assert resume.finished_line(cfg) == f"already finished: {tmp_path} (test_acc 0.5000 after 3 epochs); nothing to do"
 
 
 # ---- configs that would expand without bound ----------------------------------------------------------------

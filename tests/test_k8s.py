@@ -26,12 +26,13 @@ import pytest
 
 pytest.register_assert_rewrite("tests.k8s_model")  # its asserts explain their failures like the ones here
 
-from job import config  # noqa: E402
+from job import config, mlflow_env  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
 from tests.k8s_model import (  # noqa: E402
     CRDS, DOCKERFILE, DOCKERFILES, DOCS, EXPECTED_FILES, GPU, K8S, KUBERNETES_VERSIONS, KUEUE_QUEUE, LAUNCHES,
     LAUNCHES_ERROR, LOADED, PODS, PODS_ERROR, ROOT, TRAINING, admission_problems, as_pod, broken_copy, built_image,
     by_name, check_first_problems, config_file_text, container_env, crd_errors, doc_id, dockerfile_home,
-    dockerfile_instructions, dockerfile_user, exit_2_problems, find, free_port, hadolint, http_status, ignored_flags, image_dockerfile,
+    dockerfile_instructions, dockerfile_user, exit_2_problems, find, hadolint, http_status, ignored_flags, image_dockerfile,
     is_torchrun, job_config, k8s_launches, kubernetes_validate, launch_id, launchers, local_paths, localize,
     mlflow_server, need, network_policy_problems, parse_torchrun, pip_installs, pod_id, probe_problems,
     provenance_problems,
@@ -249,7 +250,7 @@ def test_training_pods_check_the_config_before_torchrun(launch, tmp_path, capfd)
     assert "error: CIFAR-10 not found: " in capfd.readouterr().err
     args = parse_args(check)
     make_cifar10(Path(config.load(args.config, args.overrides).data.root), n_train_per_batch=10, n_test=10)
-    check.append("data.verify=false")  # staged, as README says, but not the original files' md5
+    check.append("data.verify=false")  # staged, as docs/kubernetes.md says, but not the original files' md5
     empty = [path for path in paths.values() if not any(path.iterdir())]
     assert main(check) == 0, capfd.readouterr().err
     assert "senet-job: config OK; starts fresh" in capfd.readouterr().out
@@ -400,7 +401,7 @@ def test_references_resolve(pod):
 def test_no_secret_values_are_shipped():
     assert [doc_id(n, d) for n, d in DOCS if d["kind"] == "Secret"] == []
     for name, doc in DOCS:
-        assert [s for s in strings(doc) if config.redact(s) != s] == [], f"{doc_id(name, doc)}: a URI with a password"
+        assert [s for s in strings(doc) if mlflow_env.redact(s) != s] == [], f"{doc_id(name, doc)}: a URI with a password"
 
 
 def test_shared_volume_is_read_write_many():
@@ -481,6 +482,7 @@ def test_mlflow_server_requires_the_credentials_the_training_pods_send():
     assert not {"admin_username", "admin_password"} & set(auth["mlflow"]), "the admin comes from the Secret"
 
 
+@pytest.mark.slow
 def test_mlflow_server_starts_with_the_manifest_settings(tmp_path):
     """The manifest's command and environment, with the volume under tmp_path: /health, and Host checks."""
     deployment, container, args = mlflow_server()
@@ -567,7 +569,8 @@ def test_dockerfile_installs_the_package_with_its_gpu_extra():
 
 def test_dockerfile_exports_the_git_commit():
     assert provenance_problems(dockerfile_instructions()) == []
-    builds = [line for path in (DOCKERFILE, ROOT / "README.md") for line in path.read_text().splitlines()
+    builds = [line for path in (DOCKERFILE, ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
+              for line in path.read_text().splitlines()
               if "docker build" in line and built_image(DOCKERFILE) in line]
     assert builds and all("--build-arg GIT_COMMIT=$(git rev-parse HEAD)" in line for line in builds), builds
 

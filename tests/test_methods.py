@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from job import checkpoint, config, data, optim, registry
+from job import config, data, optim, registry, resume
 from job.checkpoint import CheckpointError
 from job.config import ConfigError
 from job.loop import hits, precision_warning, train_step
@@ -164,6 +164,7 @@ def test_multicrop_tta_weights_the_image_pair_half_and_each_shifted_pair_a_quart
         with_tta(model, "five-crop")
 
 
+@pytest.mark.slow
 def test_the_registered_model_and_its_export_carry_multicrop_tta(tmp_path: Path):
     torch.manual_seed(0)
     net = senet18(width=4).eval()
@@ -200,20 +201,20 @@ def saved(model: dict | None = None, **train) -> dict:
 def test_a_checkpoint_keeps_the_averaging_it_was_trained_with():
     path = Path("last.pt")
     lookahead = config.load(None, ["train.ema_decay=0.9", "train.ema_mode=lookahead"])
-    checkpoint.check_compatible({**saved(ema_decay=0.9, ema_mode="lookahead"), "lookahead": {}}, lookahead, path)
+    resume.check_compatible({**saved(ema_decay=0.9, ema_mode="lookahead"), "lookahead": {}}, lookahead, path)
     with pytest.raises(CheckpointError, match=r"was trained with train.ema_decay=0.9 ema_mode=lookahead: resume it "
                                               r"with the same \(this launch has 0.9\)"):
-        checkpoint.check_compatible({**saved(ema_decay=0.9, ema_mode="lookahead"), "lookahead": {}},
+        resume.check_compatible({**saved(ema_decay=0.9, ema_mode="lookahead"), "lookahead": {}},
                                     config.load(None, ["train.ema_decay=0.9"]), path)
     with pytest.raises(CheckpointError, match=r"\(this launch has 0.9 ema_mode=lookahead\)"):
-        checkpoint.check_compatible({**saved(ema_decay=0.9), "ema": {}}, lookahead, path)
+        resume.check_compatible({**saved(ema_decay=0.9), "ema": {}}, lookahead, path)
 
 
 def test_a_checkpoint_from_before_the_new_model_keys_still_resumes():
     old = saved(model={"depth": 18, "width": 64, "reduction": 16})
-    checkpoint.check_compatible(old, config.load(None, []), Path("last.pt"))  # their defaults then
+    resume.check_compatible(old, config.load(None, []), Path("last.pt"))  # their defaults then
     with pytest.raises(CheckpointError, match="zero_init_residual=False"):
-        checkpoint.check_compatible(old, config.load(None, ["model.zero_init_residual=true"]), Path("last.pt"))
+        resume.check_compatible(old, config.load(None, ["model.zero_init_residual=true"]), Path("last.pt"))
 
 
 @pytest.mark.parametrize("mode", ["average", "lookahead"])
@@ -260,7 +261,7 @@ def test_a_checkpoint_from_before_the_new_keys_compares_them_at_their_defaults()
     for section in ("data", "train"):
         for key in ("bn_bias_lr_mult", "flip", "pad_mode", "crop_padding", "whiten_stem", "ema_mode"):
             old["config"][section].pop(key, None)
-    applies, refused = checkpoint.config_changes(old["config"], config.load(None, ["train.bn_bias_lr_mult=8",
+    applies, refused = resume.config_changes(old["config"], config.load(None, ["train.bn_bias_lr_mult=8",
                                                                                    "data.flip=alternate"]))
     assert applies == ["data.flip random -> alternate"] and refused == ["train.bn_bias_lr_mult 1.0 -> 8.0"]
 

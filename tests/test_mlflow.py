@@ -14,6 +14,7 @@ from job import train
 from tests.conftest import (ROOT, TINY, TRACKED, MlflowServer, faulty_save_env, free_port, job_env, kill_tree, read_metrics, run_job,
                             start_job, train_state, wait_until)
 
+pytestmark = pytest.mark.slow  # a real mlflow server in most tests (tests/conftest.py SLOW_FIXTURES)
 
 
 def tracked(server, name: str, *extra: str) -> list[str]:

@@ -1,5 +1,5 @@
 """One owner per out_dir, workers that die with their agent, finished runs left alone, resumes that say what
-they change (job/outdir.py, job/host.py, job/checkpoint.py resume_changes)."""
+they change (job/outdir.py, job/host.py, job/resume.py resume_changes)."""
 
 import os
 import signal
@@ -8,8 +8,10 @@ import psutil
 import pytest
 import yaml
 
-from job import config, outdir
+from job import config, outdir, resume
 from tests.conftest import TINY, kill_tree, load_ckpt, read_metrics, run_job, start_job, wait_until
+
+pytestmark = pytest.mark.slow  # torchrun launches (tests/conftest.py SLOW_FIXTURES)
 
 LONG = [*TINY, "train.epochs=40"]
 
@@ -87,9 +89,9 @@ def test_a_finished_out_dir_exits_0_and_touches_nothing(tmp_path):
     for extra, what in [("train.lr=0.3", "train.lr 0.05 -> 0.3"), ("train.tta=none", "train.tta flip -> none"),
                         (f"train.resume={out}/checkpoints/last.pt", f"train.resume={out}/checkpoints/last.pt")]:
         with pytest.raises(outdir.OutDirError) as info:
-            outdir.finished_line(config.load(overrides=[*args, extra]))
+            resume.finished_line(config.load(overrides=[*args, extra]))
         assert str(info.value) == refusal.format(out=out, what=what)
-    assert outdir.finished_line(config.load(overrides=args)).startswith(f"already finished: {out} (test_acc ")
+    assert resume.finished_line(config.load(overrides=args)).startswith(f"already finished: {out} (test_acc ")
 
 
 def test_a_new_out_dir_that_began_from_another_runs_checkpoint_goes_on_from_its_own(tmp_path):
@@ -140,7 +142,7 @@ def test_a_resume_refuses_what_the_checkpoint_cannot_honour(extra, says):
 
     saved = {"config": config.load(overrides=[*TINY, "train.epochs=3"]).to_dict(), "train_state": {"epoch": 2, "step": 0}}
     with pytest.raises(checkpoint.CheckpointError) as info:
-        checkpoint.resume_changes(saved, config.load(overrides=[*TINY, "train.epochs=3", *extra]), "P")
+        resume.resume_changes(saved, config.load(overrides=[*TINY, "train.epochs=3", *extra]), "P")
     assert str(info.value) == f"cannot resume P with {says}: set it back, or train from scratch in another train.out_dir"
 
 

@@ -12,6 +12,8 @@ from job.preemption import PREEMPTED_EXIT_CODE
 from tests.conftest import (COMMON, assert_same_as, faulty_save_env, job_env, kill_tree, read_metrics, run_job,
                             start_job, train_state, wait_until)
 
+pytestmark = pytest.mark.slow  # torchrun launches (tests/conftest.py SLOW_FIXTURES)
+
 
 def launch(out, *extra, env: dict | None = None, torchrun: tuple[str, ...] = ()) -> subprocess.Popen:
     return start_job([*COMMON, f"train.out_dir={out}", *extra], nproc=2, env=env, torchrun=torchrun)
@@ -113,7 +115,7 @@ def test_a_one_process_run_stopped_mid_epoch_resumes_on_two_ranks(tmp_path):
 def test_torchrun_restarts_after_repeated_sigkills_and_ends_bit_for_bit(straight, tmp_path):
     """SIGKILL rank 1 three times at different steps under --max-restarts=3: each restart resumes."""
     out = tmp_path / "out"
-    env = job_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")  # as README, sbatch and manifests set it
+    env = job_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")  # as docs/restarts.md, sbatch and manifests set it
     proc = launch(out, "train.checkpoint_every_steps=4", env=env, torchrun=("--max-restarts=3",))
     try:
         for attempt in range(3):

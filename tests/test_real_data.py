@@ -10,7 +10,8 @@ import pytest
 from tests.conftest import read_metrics, run_job
 
 BUILDER = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_dev.py"
-pytestmark = pytest.mark.skipif(not BUILDER.is_file(), reason=f"{BUILDER} is absent (../shared is not beside the repo)")
+pytestmark = [pytest.mark.skipif(not BUILDER.is_file(), reason=f"{BUILDER} is absent (../shared is not beside the repo)"),
+              pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

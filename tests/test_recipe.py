@@ -13,9 +13,11 @@ from job.evaluate import evaluate
 from job import averaging
 from job.averaging import EMA, Lookahead
 from job.loop import autocast_dtype, mix, mixer, native_bf16_cpu, train_step
-from job.train import use_sync_bn
+from job.launch import use_sync_bn
 from senet import senet18
 from tests.conftest import COMMON, assert_same_as, load_ckpt, read_metrics, run_job
+
+pytestmark = pytest.mark.slow  # torchrun launches (tests/conftest.py SLOW_FIXTURES)
 
 CPU = Runtime(rank=0, local_rank=0, world_size=1, local_world_size=1, num_nodes=1, device=torch.device("cpu"),
               backend="gloo")

@@ -20,6 +20,8 @@ from job.synthetic import first as synthetic
 from job.registry import EXPORTED
 from tests.conftest import ROOT, TRACKED, free_port, job_env, kill_tree, run_job, wait_until
 
+pytestmark = pytest.mark.slow  # mlflow models serve and a registered champion (tests/conftest.py SLOW_FIXTURES)
+
 CHAMPION = "models:/serve-dev@champion"
 CIFAR_JPEGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-train-jpeg.tar.gz"
 
@@ -51,7 +53,7 @@ def champion(registered):
 
 @pytest.fixture(scope="module")
 def exported(registered, tmp_path_factory) -> Path:
-    """The champion's .pt2, downloaded from the registry as README says."""
+    """The champion's .pt2, downloaded from the registry as docs/mlflow.md says."""
     import mlflow
 
     dst = tmp_path_factory.mktemp("exported")

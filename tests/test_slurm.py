@@ -12,6 +12,8 @@ import yaml
 from tests import slurm_cluster
 from tests.conftest import ROOT, TINY, TRACKED, free_port, job_env, read_metrics, run_job, train_state, wait_until
 
+pytestmark = pytest.mark.slow  # a local Slurm cluster (tests/conftest.py SLOW_FIXTURES)
+
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):

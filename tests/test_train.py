@@ -4,6 +4,8 @@ import pytest
 
 from tests.conftest import load_ckpt, read_metrics, run_job
 
+pytestmark = pytest.mark.slow  # torchrun launches (tests/conftest.py SLOW_FIXTURES)
+
 
 
 def test_two_ranks_learn_far_above_chance(straight):

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from job import checkpoint, config
+from job import checkpoint, config, resume
 from job.checkpoint import CheckpointError, Checkpointer
 from job.config import Config, TrainConfig
 from job.distributed import Runtime
@@ -167,18 +167,18 @@ def write(path, epoch: int) -> None:
 
 
 def test_resume_auto_starts_fresh_without_a_checkpoint(tmp_path):
-    assert checkpoint.resume_from("auto", str(tmp_path), warn=pytest.fail) is None
+    assert resume.resume_from("auto", str(tmp_path), warn=pytest.fail) is None
 
 
 def test_resume_auto_takes_last_and_falls_back_to_the_previous_one(tmp_path):
     last = checkpoint.directory(str(tmp_path)) / "last.pt"
     write(last, 2)
     write(checkpoint.previous(last), 1)
-    path, state = checkpoint.resume_from("auto", str(tmp_path), warn=pytest.fail)
+    path, state = resume.resume_from("auto", str(tmp_path), warn=pytest.fail)
     assert path == last and state["train_state"]["epoch"] == 2
     last.write_bytes(b"torn")
     warnings = []
-    path, state = checkpoint.resume_from("auto", str(tmp_path), warn=warnings.append)
+    path, state = resume.resume_from("auto", str(tmp_path), warn=warnings.append)
     assert path == checkpoint.previous(last) and state["train_state"]["epoch"] == 1
     assert len(warnings) == 1 and "using the previous checkpoint" in warnings[0]
 
@@ -186,24 +186,24 @@ def test_resume_auto_takes_last_and_falls_back_to_the_previous_one(tmp_path):
 def test_resume_never_refuses_an_out_dir_with_a_checkpoint(tmp_path):
     write(checkpoint.directory(str(tmp_path)) / "last.pt", 1)
     with pytest.raises(CheckpointError, match="already holds a checkpoint"):
-        checkpoint.resume_from("never", str(tmp_path), warn=pytest.fail)
+        resume.resume_from("never", str(tmp_path), warn=pytest.fail)
 
 
 def test_resume_from_an_explicit_path_does_not_fall_back(tmp_path):
     other = tmp_path / "other.pt"
     write(other, 4)
-    assert checkpoint.resume_from(str(other), str(tmp_path / "out"), warn=pytest.fail)[1]["train_state"]["epoch"] == 4
+    assert resume.resume_from(str(other), str(tmp_path / "out"), warn=pytest.fail)[1]["train_state"]["epoch"] == 4
     other.write_bytes(b"torn")
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
-        checkpoint.resume_from(str(other), str(tmp_path / "out"), warn=pytest.fail)
+        resume.resume_from(str(other), str(tmp_path / "out"), warn=pytest.fail)
     with pytest.raises(CheckpointError, match="checkpoint not found"):
-        checkpoint.resume_from(str(tmp_path / "missing.pt"), str(tmp_path / "out"), warn=pytest.fail)
+        resume.resume_from(str(tmp_path / "missing.pt"), str(tmp_path / "out"), warn=pytest.fail)
 
 
 def test_a_checkpoint_of_another_model_shape_is_refused():
     saved = {"config": Config().to_dict()}
     with pytest.raises(CheckpointError, match=r"is for another model: width=64 \(config says 16\)"):
-        checkpoint.check_model(saved, {**Config().to_dict()["model"], "width": 16}, "p.pt")
+        resume.check_model(saved, {**Config().to_dict()["model"], "width": 16}, "p.pt")
 
 
 # ---- the promotion gate ---------------------------------------------------------------------------------------
@@ -337,7 +337,8 @@ def flaky_tracker(tmp_path, flush_timeout_s: int = 300) -> Tracker:
     cfg = Config()
     cfg.train.out_dir, cfg.mlflow.flush_timeout_s = str(tmp_path), flush_timeout_s
     tracker = Tracker(cfg, CPU)
-    tracker.mlflow = FlakyMlflow()
+    tracker.run = tracker._new_run()
+    tracker.run.mlflow = FlakyMlflow()
     return tracker
 
 
@@ -346,22 +347,22 @@ def test_epochs_queue_while_the_server_is_away_and_go_out_in_order(tmp_path, cap
         monkeypatch.setenv(key, value)  # as fail_fast() leaves them when the run opens: QUICK still wins
     tracker = flaky_tracker(tmp_path)
     clock = [1000.0]
-    monkeypatch.setattr("job.tracking.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("job.mlflow_run.time.monotonic", lambda: clock[0])
     tracker.log_epoch({"epoch": 0, **RECORD}, epochs=5, eta_s=0)
-    tracker.mlflow.down = True
+    tracker.run.mlflow.down = True
     for epoch in (1, 2, 3):
         tracker.log_epoch({"epoch": epoch, **RECORD}, epochs=5, eta_s=0)
         clock[0] += 4
-    assert [r["epoch"] for r in tracker.pending] == [1, 2, 3]
-    assert len(tracker.mlflow.tries) == 2  # epoch 0 went out, epoch 1 failed, epochs 2 and 3 waited out the back-off
-    assert tracker.mlflow.tries == ["0", "0"]  # one short request each: no MLflow retries inside an epoch
+    assert [r["epoch"] for r in tracker.run.pending] == [1, 2, 3]
+    assert len(tracker.run.mlflow.tries) == 2  # epoch 0 went out, epoch 1 failed, epochs 2 and 3 waited out the back-off
+    assert tracker.run.mlflow.tries == ["0", "0"]  # one short request each: no MLflow retries inside an epoch
     err = capsys.readouterr().err
     assert err.count("warning: MLflow unreachable (Connection refused)") == 1  # once, first line of the reason
-    tracker.mlflow.down = False
+    tracker.run.mlflow.down = False
     clock[0] += 20  # past the (doubled) back-off
     tracker.log_epoch({"epoch": 4, **RECORD}, epochs=5, eta_s=0)
-    assert [step for step, _ in tracker.mlflow.logged] == [0, 1, 2, 3, 4] and not tracker.pending
-    assert "val_acc" not in tracker.mlflow.logged[0][1]  # None values are not sent
+    assert [step for step, _ in tracker.run.mlflow.logged] == [0, 1, 2, 3, 4] and not tracker.run.pending
+    assert "val_acc" not in tracker.run.mlflow.logged[0][1]  # None values are not sent
     assert "tracking server is back" in capsys.readouterr().out
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 5  # the file has every epoch throughout
     assert tracker.complete
@@ -369,22 +370,22 @@ def test_epochs_queue_while_the_server_is_away_and_go_out_in_order(tmp_path, cap
 
 def test_the_end_of_run_flush_waits_once_and_a_stop_signal_ends_it(tmp_path, capsys):
     tracker = flaky_tracker(tmp_path, flush_timeout_s=1)
-    tracker.mlflow.down = True
+    tracker.run.mlflow.down = True
     tracker.log_epoch({"epoch": 0, **RECORD}, epochs=1, eta_s=0)
     started = time.monotonic()
-    assert not tracker._flush() and 1 <= time.monotonic() - started < 5
+    assert not tracker.run._flush() and 1 <= time.monotonic() - started < 5
     started = time.monotonic()
-    assert not tracker._flush() and time.monotonic() - started < 0.5  # the second call does not wait again
+    assert not tracker.run._flush() and time.monotonic() - started < 0.5  # the second call does not wait again
     assert not tracker.complete and tracker.lost == ["1 epoch(s)"]
     assert capsys.readouterr().err.count("still unreachable after 1s: 1 epoch(s) not sent") == 1
 
     stopped = flaky_tracker(tmp_path / "b", flush_timeout_s=300)
     (tmp_path / "b").mkdir()
-    stopped.mlflow.down = True
+    stopped.run.mlflow.down = True
     stopped.log_epoch({"epoch": 0, **RECORD}, epochs=1, eta_s=0)
     stopped.stop = type("Stop", (), {"received": "SIGTERM"})()
     started = time.monotonic()
-    assert not stopped._flush() and time.monotonic() - started < 0.5
+    assert not stopped.run._flush() and time.monotonic() - started < 0.5
     assert "MLflow SIGTERM received: 1 epoch(s) not sent" in capsys.readouterr().err
 
 
@@ -495,7 +496,7 @@ def test_no_progress_hook_unless_a_line_or_a_step_metric_is_asked_for_and_none_o
     from job.progress import Progress
 
     class Tracker:
-        mlflow = None
+        sends_to_mlflow = False
     monkeypatch.setattr("sys.stdout.isatty", lambda: False)  # a batch log
     quiet = Config(train=TrainConfig(log_every_s=0, log_every_steps=0))
     assert Progress.build(quiet, CPU, Tracker()) is None
