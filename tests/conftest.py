@@ -1,6 +1,5 @@
 """Shared helpers: run the job as a user would (a subprocess) and read what it wrote."""
 
-import json
 import os
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from bench.child import kill_tree  # noqa: F401  (the tests' one way to end a job and its workers)
+from job import records
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,11 +41,39 @@ def job_command(args: list[str], nproc: int = 0, module: str = "job.train", torc
             "-m", module, *args]
 
 
+_forks: list = []  # this test worker's tests.forkjob server, started on first use
+
+
+def forked(env: dict) -> bool:
+    """Whether a one-process job in env may be forked from tests.forkjob: not where PYTHONPATH adds a
+    sitecustomize (it must run at interpreter start) or where SENET_TEST_FORK=0 asks for real processes."""
+    return env.get("PYTHONPATH") == str(ROOT) and os.environ.get("SENET_TEST_FORK", "1") != "0"
+
+
 def run_job(args: list[str], nproc: int = 0, cwd: Path = ROOT, timeout: int = 300, env: dict | None = None,
-            module: str = "job.train", torchrun: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """Run the job to its end (see job_command); output captured as text."""
-    return subprocess.run(job_command(args, nproc, module, torchrun), cwd=cwd, env=env or job_env(),
+            module: str = "job.train", torchrun: tuple[str, ...] | None = None) -> subprocess.CompletedProcess:
+    """Run the job to its end (see job_command); output captured as text. It is forked from a server that has
+    imported torch and MLflow already (tests/forkjob.py): one process (nproc=0), or nproc ranks with torchrun's
+    environment but no agent, seconds sooner. torchrun=(ARGS...) (() included) launches a real torchrun: for
+    the tests whose point is what torchrun does."""
+    env = env or job_env()
+    if torchrun is None and forked(env):
+        if not _forks:
+            import tempfile
+
+            from tests.forkjob import Client
+
+            _forks.append(Client(tempfile.mkdtemp(prefix="forkjob-"), job_env()))
+        return _forks[0].run(module, args, cwd, env, timeout, nproc)
+    return subprocess.run(job_command(args, nproc, module, torchrun or ()), cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_forks():
+    yield
+    for client in _forks:
+        client.stop()
 
 
 def start_job(args: list[str], nproc: int = 0, env: dict | None = None, torchrun: tuple[str, ...] = (),
@@ -69,7 +97,8 @@ def wait_until(predicate, timeout: float = 240, proc: subprocess.Popen | None = 
 
 
 def read_metrics(out_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    """Every record of out_dir's metrics.jsonl in the file's order: the epochs, then the final one."""
+    return records.read(out_dir).lines
 
 
 @pytest.fixture
@@ -80,6 +109,9 @@ def tiny() -> list[str]:
 # The runs that several tests read: their users go to one worker, so each runs once; a file's other tests
 # form a group of their own, so that the two workers stay evenly loaded.
 SHARED_RUNS = ("straight", "two_ranks")
+# Fixtures that start several ranks or servers: their users are `slow` (`pytest -m "not slow"` leaves them out, as
+# does a file that marks itself slow: those that launch torchrun, Slurm or a model server in most tests).
+SLOW_FIXTURES = (*SHARED_RUNS, "mlflow_server", "cluster")
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
@@ -89,6 +121,8 @@ def pytest_collection_modifyitems(items) -> None:
     for item in items:
         shared = next((name for name in SHARED_RUNS if name in item.fixturenames), None)
         item.add_marker(pytest.mark.xdist_group(shared or item.module.__name__))
+        if set(SLOW_FIXTURES) & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -102,6 +136,7 @@ def straight(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     import socket
 
     with socket.socket() as s:

@@ -19,7 +19,7 @@ CUDA = [a for a in TINY if a != "train.device=cpu"] + ["train.device=cuda", "tra
 
 def test_one_rank_trains_on_nccl_with_bf16_and_channels_last(tmp_path):
     out = tmp_path / "out"
-    result = run_job([*CUDA, "train.epochs=2", f"train.out_dir={out}"], nproc=1)
+    result = run_job([*CUDA, "train.epochs=2", f"train.out_dir={out}"], nproc=1, torchrun=())  # CUDA: a real launch
     assert result.returncode == 0, result.stderr[-3000:]
     assert "backend nccl  device cuda:0" in result.stdout
     assert read_metrics(out)[-1]["test_acc"] > 0.5
@@ -61,7 +61,8 @@ def test_the_stop_flag_stops_a_cuda_run_with_a_checkpoint(tmp_path):
 @two_gpus
 def test_two_gpus_train_with_ddp_and_compile(tmp_path):
     out = tmp_path / "out"
-    result = run_job([*CUDA, "train.epochs=2", "train.compile=true", f"train.out_dir={out}"], nproc=2, timeout=900)
+    result = run_job([*CUDA, "train.epochs=2", "train.compile=true", f"train.out_dir={out}"], nproc=2, timeout=900,
+                     torchrun=())
     assert result.returncode == 0, result.stderr[-3000:]
     assert "world_size 2" in result.stdout and "backend nccl" in result.stdout
     assert read_metrics(out)[-1]["test_acc"] > 0.5

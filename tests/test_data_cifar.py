@@ -42,8 +42,10 @@ def _env() -> dict[str, str]:
 
 
 def run_module(module: str, *args: str, nproc: int = 0) -> subprocess.CompletedProcess:
-    """`python -m module args...` (or under torchrun with nproc ranks) from the repository root, output captured."""
-    return run_job(list(args), nproc=nproc, env=_env(), module=module, timeout=TIMEOUT)
+    """`python -m module args...` (or under a real torchrun with nproc ranks) from the repository root, output
+    captured."""
+    return run_job(list(args), nproc=nproc, env=_env(), module=module, timeout=TIMEOUT,
+                   torchrun=() if nproc else None)
 
 
 def error_lines(stderr: str) -> list[str]:

@@ -5,7 +5,7 @@ from tests.conftest import TINY, run_job
 
 def test_two_ranks_pass(tmp_path):
     result = run_job(["data.source=synthetic", "mlflow.enabled=false", f"train.out_dir={tmp_path / 'out'}"],
-                     nproc=2, module="job.preflight")
+                     nproc=2, module="job.preflight", torchrun=())  # as sbatch and the pods run it
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["check", "rank", "result", "detail"]
