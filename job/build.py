@@ -12,10 +12,10 @@ from torch.nn.parallel import DistributedDataParallel
 from job import averaging, data
 from job.config import Config
 from job.distributed import Runtime
-from job.evaluate import Scores, evaluate
 from job.launch import use_sync_bn
 from job.loop import Parts, autocast_dtype
 from job.optim import build_optimizer, build_scheduler
+from job.scoring import Scores, evaluate
 from senet import senet
 
 WHITEN_IMAGES = 5000  # train.whiten_stem's sample: airbench's; the 3x3 patch covariance settles long before
@@ -58,7 +58,6 @@ def build(cfg: Config, runtime: Runtime, steps: int, saved: dict | None,
         parts.train_model = torch.compile(parts.train_model, dynamic=False)
         parts.eval_model = torch.compile(parts.eval_model, dynamic=False)
     return parts
-
 
 
 def score(parts: Parts, images: torch.Tensor, labels: torch.Tensor, cfg: Config, runtime: Runtime) -> Scores | None:

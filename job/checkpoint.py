@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from job.cli import first_line
 from job.distributed import Runtime, raise_together
-from job.durable import previous, sync_dir, write_atomically  # noqa: F401 (previous: checkpoint.previous)
+from job.durable import previous, sync_dir, write_atomically
 from job.outdir import CHECKPOINTS
 
 # what every checkpoint of the job holds; anything else (a bare state_dict, a list) is refused in one line
@@ -65,6 +65,12 @@ def weights(state: dict) -> dict:
     """The weights to predict with: the EMA copy's when the run kept one (ema_mode=average), else the model's
     (with ema_mode=lookahead the model holds the slow weights at every epoch's end)."""
     return state["ema"]["model"] if "ema" in state else state["model"]
+
+
+def due(epoch: int, end: int, every: int, *, best: bool, stopping: bool) -> bool:
+    """Whether last.pt is written after epoch (0-based): every `every` epochs, and always at a new best
+    (best.pt must hold it), at this launch's last epoch and when stopping (a resume must find it)."""
+    return best or stopping or epoch + 1 == end or (epoch + 1) % every == 0
 
 
 class Checkpointer:

@@ -7,7 +7,7 @@ from typing import BinaryIO
 
 
 def previous(path: Path) -> Path:
-    """Where save(..., keep_previous=True) moves the file it replaces."""
+    """Where write_atomically(..., keep_previous=True) moves the file it replaces (last.pt -> last.prev.pt)."""
     return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 

@@ -1,6 +1,7 @@
 """train.out_dir: its layout, its one owner, and the mark of a finished run.
 
-Every name in out_dir is set here (metrics.jsonl's and steps.jsonl's in job/records.py, which owns those files):
+Every name in out_dir is set here, except those of the files their owners name: metrics.jsonl and steps.jsonl
+(job/records.py), last.pt, last.prev.pt and best.pt in checkpoints/ (job/checkpoint.py, job/durable.py):
 
     out_dir/
         config.yaml                   the resolved config of the latest launch (CONFIG; job/train.py)
@@ -39,7 +40,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from job import cli
+from job import cli, config
+from job.distributed import raise_together
 from job.durable import write_atomically
 
 CONFIG = "config.yaml"
@@ -144,6 +146,18 @@ def _not_finished_record(done: object) -> str | None:
     if not isinstance(done.get("mlflow_run_id"), (str, type(None))):
         return "an mlflow_run_id that is not a string"
     return None
+
+
+def prepare(cfg, runtime) -> None:
+    """Rank 0 creates out_dir and writes the resolved config there (CONFIG); every rank learns whether that worked."""
+    error = None
+    if runtime.is_main:
+        try:
+            Path(cfg.train.out_dir).mkdir(parents=True, exist_ok=True)
+            config.dump(cfg, Path(cfg.train.out_dir) / CONFIG)
+        except OSError as e:
+            error = OutDirError(f"cannot write to train.out_dir {cfg.train.out_dir}: {e.strerror}")
+    raise_together(error, runtime.device, OutDirError(f"rank 0 cannot write to train.out_dir {cfg.train.out_dir}"))
 
 
 def read_finished(out_dir: str) -> dict | None:

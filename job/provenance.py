@@ -12,6 +12,7 @@ from job import config
 from job.config import Config
 from job.distributed import Runtime
 
+
 def recipe(params: dict[str, object], *, seed: bool = True) -> dict[str, str]:
     """The settings of params ({"train.lr": 0.1}, or an MLflow run's params as strings) that make the recipe: all
     but the LAUNCH keys (job/config.py's roles), and the seed only if seed. A key this version does not know (an

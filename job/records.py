@@ -1,6 +1,7 @@
 """metrics.jsonl and steps.jsonl: their names, record types, writer and reader (readers elsewhere import this).
 
-Both files are JSON lines in train.out_dir, written by rank 0 (job/tracking.py). Fractions are 0-1; losses are
+Both files are JSON lines in train.out_dir, written by rank 0 (metrics.jsonl by job/tracking.py, steps.jsonl by
+job/steps.py). Fractions are 0-1; losses are
 mean cross-entropy per image in nats; null where there was nothing to measure.
 
 metrics.jsonl schema: one Epoch record per finished epoch, in epoch order, then one Final record once the test
@@ -94,10 +95,12 @@ class Records:
 
 
 def metrics_path(out_dir: str | Path) -> Path:
+    """out_dir's metrics.jsonl."""
     return Path(out_dir) / METRICS
 
 
 def steps_path(out_dir: str | Path) -> Path:
+    """out_dir's steps.jsonl."""
     return Path(out_dir) / STEPS
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from job import cli, provenance
 from job.config import MlflowConfig
 
+
 def recipe_of(params: dict[str, str]) -> tuple[str, dict[str, str]]:
     """(hash, settings) of a run's logged config as a recipe: without the seed, the outputs and MLflow's settings."""
     return provenance.recipe_hash(params, seed=False), provenance.recipe(params, seed=False)

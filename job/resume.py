@@ -13,8 +13,10 @@ from pathlib import Path
 
 from job import cli, config, outdir
 from job.averaging import MODES
-from job.checkpoint import CheckpointError, directory, epoch_ended, load, previous
+from job.checkpoint import CheckpointError, directory, epoch_ended, load
+from job.durable import previous
 from job.config import Config
+from job.loop import TrainState
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,25 @@ class Plan:
         if epoch >= epochs:
             return f"resuming {self.path}: all {epochs} epochs done; testing and registering"
         return f"resuming {self.path} at epoch {epoch + 1} step {step}"
+
+    def train_state(self) -> tuple[TrainState, str | None]:
+        """(where training goes on from, the warning of a best forgotten): a fresh TrainState, or the checkpoint's;
+        another run's keeps its epochs but not its MLflow run (that run stays as it is; this out_dir's is a new one)
+        nor a best whose weights stayed behind (lost_best)."""
+        state = TrainState()
+        if not self.saved:
+            return state, None
+        state.load_state_dict(self.saved["train_state"])
+        if self.foreign:
+            state.mlflow_run_id = None
+        lost = self.lost_best(state.best_epoch)
+        if lost:
+            state.best_val_acc = state.best_epoch = None
+        return state, lost
+
+    def tags(self) -> dict[str, str]:
+        """The MLflow tags this start gives the run: resumed_from=PATH for another run's checkpoint."""
+        return {"resumed_from": str(self.path.resolve())} if self.foreign else {}
 
     def world_size_note(self, world_size: int, batch_size: int, steps: int) -> str | None:
         """The line for a checkpoint written at another world size (world_size_change); None at the same one or

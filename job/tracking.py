@@ -141,12 +141,12 @@ class Tracker:
     def register(self, weights: dict, splits, val_acc: float | None, test_acc: float) -> None:
         """Log the model (best.pt's weights to predict with) to the run, register it with the data's fingerprint,
         and move @champion or @challenger (job/registry.py). Nothing (not even the fingerprint) without MLflow."""
-        if self.active and self.run:
+        if self.run:
             self.run.register(weights, splits, val_acc, test_acc)
 
     def close(self, status: str) -> None:
         """End the MLflow run: FINISHED, FAILED, or KILLED (stopped early; a resume reopens it as RUNNING)."""
-        if self.active and self.run:
+        if self.run:
             self.run.close(status)
 
     @property

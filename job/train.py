@@ -69,26 +69,7 @@ def check(cfg: Config) -> int:
     return 0
 
 
-def prepare_out_dir(cfg: Config, runtime: Runtime) -> None:
-    """Rank 0 creates out_dir and writes the resolved config there; every rank learns whether that worked."""
-    error = None
-    if runtime.is_main:
-        try:
-            Path(cfg.train.out_dir).mkdir(parents=True, exist_ok=True)
-            config.dump(cfg, Path(cfg.train.out_dir) / outdir.CONFIG)
-        except OSError as e:
-            error = CheckpointError(f"cannot write to train.out_dir {cfg.train.out_dir}: {e.strerror}")
-    distributed.raise_together(error, runtime.device,
-                               CheckpointError(f"rank 0 cannot write to train.out_dir {cfg.train.out_dir}"))
-
-
-def checkpoint_due(epoch: int, end: int, every: int, *, best: bool, stopping: bool) -> bool:
-    """Whether last.pt is written after epoch (0-based): every `every` epochs, and always at a new best
-    (best.pt must hold it), at this launch's last epoch and when stopping (a resume must find it)."""
-    return best or stopping or epoch + 1 == end or (epoch + 1) % every == 0
-
-
-def train_epochs(parts: Parts, splits: Splits, cfg: Config, runtime: Runtime, state: TrainState, tracker: Tracker,
+def train_epochs(parts: Parts, splits: Splits, state: TrainState, *, cfg: Config, runtime: Runtime, tracker: Tracker,
                  checkpoints: Checkpointer, stop: StopSignal) -> bool:
     """The epoch loop; True when train.epochs are done, False when train.stop_after_epochs ended this launch."""
     t = cfg.train
@@ -114,13 +95,13 @@ def train_epochs(parts: Parts, splits: Splits, cfg: Config, runtime: Runtime, st
                                     epoch_time_s=time.perf_counter() - tic)
             best = state.end_epoch(metrics)
             stopping = stop.requested()
-            if checkpoint_due(epoch, end, t.checkpoint_every_epochs, best=best, stopping=stopping):
+            if checkpoint.due(epoch, end, t.checkpoint_every_epochs, best=best, stopping=stopping):
                 checkpoints.save(parts, state, best=best)  # before logging: the checkpoint is what a resume trusts
             per_epoch = (time.perf_counter() - started) / (epoch + 1 - first)
             # to MLflow once a checkpoint on disk holds it: a resume trains again what none holds
             tracker.log_epoch(metrics, t.epochs, eta_s=per_epoch * (t.epochs - epoch - 1), durable=checkpoints.durable)
             if stopping:
-                checkpoints.wait()
+                checkpoints.wait()  # here, not only in leave(): MLflow gets the epochs this checkpoint holds first
                 tracker.checkpointed(checkpoints.durable)
                 on_step.leave(f"at the end of epoch {epoch + 1}")
     checkpoints.wait()
@@ -132,7 +113,7 @@ def train_epochs(parts: Parts, splits: Splits, cfg: Config, runtime: Runtime, st
     return True
 
 
-def finish(parts: Parts, splits: Splits, cfg: Config, runtime: Runtime, state: TrainState, tracker: Tracker,
+def finish(parts: Parts, splits: Splits, state: TrainState, *, cfg: Config, runtime: Runtime, tracker: Tracker,
            checkpoints: Checkpointer) -> dict:
     """Score the best model on the test set once, log the final record, register the model; returns the record."""
     repaired = checkpoints.check_best(state.best_epoch)  # best.pt is the epoch the state names, or nothing is tested
@@ -171,15 +152,11 @@ def train_out_dir(cfg: Config, runtime: Runtime, config_path: str | None) -> boo
     start = resume.plan(cfg)
     splits = data.load_splits(cfg.data, runtime)  # before out_dir: a launch that fails here changes nothing
     steps = steps_per_epoch(cfg, runtime, len(splits.train_y))
-    prepare_out_dir(cfg, runtime)
+    outdir.prepare(cfg, runtime)
 
-    state = TrainState()
+    state, lost_best = start.train_state()
     tracker = Tracker(cfg, runtime)
-    if start.saved:
-        state.load_state_dict(start.saved["train_state"])
-        if start.foreign:  # another run's checkpoint: its MLflow run stays as it is; this out_dir's run is a new one
-            state.mlflow_run_id = None
-            tracker.tags["resumed_from"] = str(start.path.resolve())
+    tracker.tags.update(start.tags())
     tracker.info(f"senet-job: world_size {runtime.world_size}  nodes {runtime.num_nodes} "
                  f"({distributed.layout(runtime)})  backend {runtime.backend}  device {runtime.device}  "
                  f"config {config_path or '(defaults)'}  out_dir {t.out_dir}"
@@ -195,10 +172,8 @@ def train_out_dir(cfg: Config, runtime: Runtime, config_path: str | None) -> boo
                      f"(config.yaml and the next checkpoint hold them)")
     parts = build(cfg, runtime, steps, start.saved, splits.train_x)
     checkpoints = Checkpointer(t.out_dir, runtime, cfg.to_dict())
-    lost_best = start.lost_best(state.best_epoch)
     if lost_best:
         tracker.warn(lost_best)
-        state.best_val_acc = state.best_epoch = None
     if start.foreign:
         checkpoints.adopt_best(start.path)  # the best weights so far came with the checkpoint
     repaired = checkpoints.check_best(state.best_epoch, start.path)  # before training can make a new best
@@ -210,8 +185,9 @@ def train_out_dir(cfg: Config, runtime: Runtime, config_path: str | None) -> boo
     state.mlflow_run_id = tracker.open(state.history, state.mlflow_run_id)
     status, final = "FAILED", None
     try:
-        if train_epochs(parts, splits, cfg, runtime, state, tracker, checkpoints, stop):
-            final = finish(parts, splits, cfg, runtime, state, tracker, checkpoints)
+        if train_epochs(parts, splits, state, cfg=cfg, runtime=runtime, tracker=tracker, checkpoints=checkpoints,
+                        stop=stop):
+            final = finish(parts, splits, state, cfg=cfg, runtime=runtime, tracker=tracker, checkpoints=checkpoints)
             status = "FINISHED"
         else:
             status = "KILLED"  # stopped by train.stop_after_epochs: resumable

@@ -10,6 +10,7 @@ import pytest
 
 from bench.child import kill_tree  # noqa: F401  (the tests' one way to end a job and its workers)
 from job import records
+from tests.forkjob import free_port  # the one the tests and the fork server use
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,7 +99,7 @@ def wait_until(predicate, timeout: float = 240, proc: subprocess.Popen | None = 
 
 def read_metrics(out_dir: Path) -> list[dict]:
     """Every record of out_dir's metrics.jsonl in the file's order: the epochs, then the final one."""
-    return records.read(out_dir).lines
+    return records.read_lines(records.metrics_path(out_dir))  # every record, in the file's order
 
 
 @pytest.fixture
@@ -133,15 +134,6 @@ def straight(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     result = run_job([*COMMON, f"train.out_dir={out}"], nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MlflowServer:

@@ -56,29 +56,47 @@ def _run_module(request: dict, env: dict | None = None) -> None:
             else:
                 print(e.code, file=sys.stderr)
                 code = 1
+        except KeyboardInterrupt:  # as the interpreter: a traceback, then death by SIGINT
+            import traceback
+
+            traceback.print_exc()
+            code = -signal.SIGINT
         except BaseException:  # noqa: BLE001 -- what an uncaught exception does to `python -m`: a traceback, exit 1
             import traceback
 
             traceback.print_exc()
             code = 1
         import atexit
+        import threading
 
-        atexit._run_exitfuncs()  # as the interpreter's own exit would (MLflow ends its runs there)
+        threading._shutdown()  # as the interpreter's own exit: non-daemon threads (a checkpoint writer) end first
+        atexit._run_exitfuncs()  # then the exit handlers (MLflow ends its runs there)
     finally:
         try:
             sys.stdout.flush()
             sys.stderr.flush()
         finally:
+            if code < 0:
+                signal.signal(-code, signal.SIG_DFL)
+                os.kill(os.getpid(), -code)
             os._exit(code)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _group(request: dict, nproc: int) -> None:
     """A one-node group of nproc ranks with torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR...),
     each forked from here; exits 0 when every rank did, else 1 (as torchrun), after ending the others as torchrun
-    does (SIGTERM, then SIGKILL). No agent: for runs whose point is their result, not torchrun's behaviour."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    does (SIGTERM, then SIGKILL). No agent: for runs whose point is their result, not torchrun's behaviour; what
+    torchrun adds is not exercised here (TORCHELASTIC_RUN_ID: the worker's watch on its agent; @record's error
+    file; restarts; the agent's own report of a failed rank). The preemption tests compare torchrun's interrupted
+    runs with a forked one bit for bit."""
+    port = free_port()
     ranks = {}
     for rank in range(nproc):
         env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
@@ -124,6 +142,7 @@ def _child(request: dict, fds: list[int]) -> None:
 
 
 def serve(path: str) -> None:
+    """Import the heavy modules once, then fork a child per request on the Unix socket at path (one at a time)."""
     for name in HEAVY:
         try:
             __import__(name)
@@ -161,6 +180,7 @@ class Client:
         self.proc = None
 
     def start(self) -> None:
+        """Start the server and wait until it listens."""
         import subprocess
 
         if os.path.exists(self.path):  # a server before this one died
@@ -199,6 +219,7 @@ class Client:
                                                err.read().decode(errors="replace"))
 
     def stop(self) -> None:
+        """End the server (jobs it forked are sessions of their own and end on their own)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait()

@@ -294,6 +294,16 @@ def test_every_key_declares_one_of_the_roles():
     assert all(r == config.LAUNCH for k, r in roles.items() if k.startswith("mlflow."))
 
 
+def test_a_key_without_a_role_is_recipe_and_these_are_all():
+    """A field without role(...) is RECIPE (a resume refuses to change it): a new key lands here and fails this test
+    until its author says whether it shapes what is trained or only how, where or how fast it runs."""
+    assert sorted(k for k, r in config.roles().items() if r == config.RECIPE) == [
+        "data.source", "data.train_subset", "data.val_size", "model.bn_momentum", "model.depth", "model.reduction",
+        "model.width", "model.zero_init_residual", "train.batch_size", "train.bn_bias_lr_mult", "train.ema_decay",
+        "train.ema_every_steps", "train.ema_mode", "train.lr", "train.momentum", "train.ref_batch_size",
+        "train.schedule", "train.warmup_epochs", "train.weight_decay", "train.whiten_stem"]
+
+
 @pytest.mark.parametrize("key", sorted(config.roles()))
 def test_a_keys_role_decides_the_hashes_and_the_resume(key):
     """Changing one key changes config_hash unless it is LAUNCH, the report's recipe unless it is LAUNCH or SEED,

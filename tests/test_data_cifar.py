@@ -53,7 +53,7 @@ def error_lines(stderr: str) -> list[str]:
 
 
 def metrics(out_dir: Path) -> list[dict]:
-    return records.read(out_dir).lines
+    return records.read_lines(records.metrics_path(out_dir))
 
 
 @pytest.fixture

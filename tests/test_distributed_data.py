@@ -11,7 +11,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from job import data, synthetic
 from job.distributed import Runtime
-from job.evaluate import evaluate
+from job.scoring import evaluate
 
 
 def test_shards_are_disjoint_complete_and_reshuffled_per_epoch():

@@ -80,7 +80,7 @@ def test_a_finished_out_dir_exits_0_and_touches_nothing(tmp_path):
     assert again.stdout.startswith(f"already finished: {out} (test_acc ") and again.stdout.count("\n") == 1
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".owner"} == before
     # a relaunch with other settings would claim what it did not do: refused, through a process once, then the
-    # same check (outdir.finished_line) in this one for other kinds of change
+    # same check (resume.finished_line) in this one for other kinds of change
     refusal = ("train.out_dir {out} holds a run finished with other settings ({what}); to train on from it use a new "
                "out_dir with train.resume={out}/checkpoints/last.pt")
     other = run_job([*args, "train.epochs=3"], timeout=120)
@@ -197,3 +197,6 @@ def test_evaluate_refuses_a_file_that_is_not_the_jobs_checkpoint(tmp_path):
     result = run_job(["--model", str(bare), *TINY], module="job.evaluate", timeout=120)
     assert result.returncode == 1 and result.stderr.strip().startswith(f"error: {bare} is not a senet-job checkpoint")
     assert result.stderr.strip().count("\n") == 0 and "senet18().load_state_dict" in result.stderr
+    exported = run_job(["--model", str(tmp_path / "model.pt2"), *TINY], module="job.evaluate", timeout=120)
+    assert exported.returncode == 1 and exported.stderr.strip().count("\n") == 0
+    assert exported.stderr.startswith(f"error: {tmp_path / 'model.pt2'}: job.evaluate scores a checkpoint")

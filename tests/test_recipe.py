@@ -9,7 +9,7 @@ from torch import nn
 from job import checkpoint, config
 from job.config import ConfigError
 from job.distributed import Runtime
-from job.evaluate import evaluate
+from job.scoring import evaluate
 from job import averaging
 from job.averaging import EMA, Lookahead
 from job.loop import autocast_dtype, mix, mixer, native_bf16_cpu, train_step

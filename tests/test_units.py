@@ -137,7 +137,7 @@ def test_a_failed_background_write_surfaces_at_the_next_save_or_wait(tmp_path, m
 
 
 def test_checkpoints_every_n_epochs_and_always_when_a_resume_or_best_pt_needs_one():
-    from job.train import checkpoint_due
+    from job.checkpoint import due as checkpoint_due
 
     due = [e for e in range(10) if checkpoint_due(e, 10, 3, best=False, stopping=False)]
     assert due == [2, 5, 8, 9]  # every third, and the last
