@@ -15,6 +15,7 @@ from job.outdir import CHECKPOINTS
 
 # what every checkpoint of the job holds; anything else (a bare state_dict, a list) is refused in one line
 KEYS = ("model", "optimizer", "scheduler", "scaler", "train_state", "rng", "config", "world_size")
+LAST, BEST = "last.pt", "best.pt"  # the files in checkpoints/ (last.prev.pt: job/durable.py previous)
 
 
 class CheckpointError(RuntimeError):
@@ -83,7 +84,7 @@ class Checkpointer:
     failed, however the writer failed, stops every rank at the next save() or wait()."""
 
     def __init__(self, out_dir: str, runtime: Runtime, config: dict):
-        self.last, self.best = directory(out_dir) / "last.pt", directory(out_dir) / "best.pt"
+        self.last, self.best = directory(out_dir) / LAST, directory(out_dir) / BEST
         self.writer, self.world_size, self.config = runtime.is_main, runtime.world_size, config
         self.device = runtime.device
         self.thread: threading.Thread | None = None
@@ -106,7 +107,7 @@ class Checkpointer:
         """Starting from another run's checkpoint: best.pt here is that run's best.pt (or the checkpoint itself),
         since the best validation accuracy so far, which later epochs must beat, came from there."""
         if self.writer and not self.best.exists():
-            source = resumed.parent / "best.pt"
+            source = resumed.parent / BEST
             same_file(source if source.is_file() else resumed, self.best)
 
     def _write(self, ckpt: dict, best: bool) -> None:

@@ -24,7 +24,12 @@ def recipe(params: dict[str, object], *, seed: bool = True) -> dict[str, str]:
 
 def recipe_hash(params: dict[str, object], *, seed: bool = True) -> str:
     """Short hash of recipe(params, seed=seed): the same for a Config's flat() and the MLflow params logged from it."""
-    return hashlib.sha256(json.dumps(recipe(params, seed=seed), sort_keys=True).encode()).hexdigest()[:12]
+    return digest(recipe(params, seed=seed))
+
+
+def digest(settings: dict[str, str]) -> str:
+    """The short hash of a recipe's settings (recipe()'s answer)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def config_hash(cfg: Config) -> str:

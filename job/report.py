@@ -19,7 +19,8 @@ from job.config import MlflowConfig
 
 def recipe_of(params: dict[str, str]) -> tuple[str, dict[str, str]]:
     """(hash, settings) of a run's logged config as a recipe: without the seed, the outputs and MLflow's settings."""
-    return provenance.recipe_hash(params, seed=False), provenance.recipe(params, seed=False)
+    settings = provenance.recipe(params, seed=False)
+    return provenance.digest(settings), settings
 
 
 def summarize(runs: list[dict]) -> list[dict]:

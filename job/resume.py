@@ -13,7 +13,7 @@ from pathlib import Path
 
 from job import cli, config, outdir
 from job.averaging import MODES
-from job.checkpoint import CheckpointError, directory, epoch_ended, load
+from job.checkpoint import BEST, LAST, CheckpointError, directory, epoch_ended, load
 from job.durable import previous
 from job.config import Config
 from job.loop import TrainState
@@ -70,7 +70,7 @@ class Plan:
     def lost_best(self, best_epoch: int | None) -> str | None:
         """The warning for another run's checkpoint copied without the best.pt beside it, whose best epoch is not the
         one it holds: the best weights stayed behind, so the best so far starts again here (None: nothing lost)."""
-        if not self.foreign or (self.path.parent / "best.pt").is_file() or \
+        if not self.foreign or (self.path.parent / BEST).is_file() or \
                 epoch_ended(self.saved["train_state"]) == best_epoch:
             return None
         return (f"{self.path} came without the best.pt beside it (epoch {(best_epoch or 0) + 1}'s weights): the best "
@@ -102,7 +102,7 @@ def finished_line(cfg: Config) -> str | None:
         what = ", ".join(applies + refused) or f"train.resume={cfg.train.resume}"
         raise outdir.OutDirError(f"train.out_dir {cfg.train.out_dir} holds a run finished with other settings "
                                  f"({what}); to train on from it use a new out_dir with "
-                                 f"train.resume={directory(cfg.train.out_dir) / 'last.pt'}")
+                                 f"train.resume={directory(cfg.train.out_dir) / LAST}")
     run = f", MLflow run {done['mlflow_run_id']}" if done.get("mlflow_run_id") else ""
     return (f"already finished: {cfg.train.out_dir} (test_acc {done['test_acc']:.4f} after {done['epochs']} "
             f"epochs{run}); nothing to do")
@@ -128,7 +128,7 @@ def resume_from(resume: str, out_dir: str, warn) -> tuple[Path, dict] | None:
 
 def resume_path(resume: str, out_dir: str) -> Path | None:
     """The checkpoint file train.resume names (None: start fresh)."""
-    last = directory(out_dir) / "last.pt"
+    last = directory(out_dir) / LAST
     if resume == "auto":
         return last if last.is_file() or previous(last).is_file() else None
     if resume == "never":
