@@ -24,7 +24,10 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, the v
 # every per-step option of the recipe on at once: each adds device work to the step, and none may add a host sync
 RECIPE_OPTIONS = ["train.ema_decay=0.99", "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0", "data.cutout=8",
                   "train.clip_grad_norm=1.0", "train.label_smoothing=0.1", "data.flip=alternate",
-                  "data.pad_mode=reflect"]
+                  "data.pad_mode=reflect", "train.bn_bias_lr_mult=8"]
+# the two weight averagers exclude each other: the audit runs the epoch once with each (Lookahead every 2 steps, so
+# its average-and-copy-back happens inside the audited steps)
+AVERAGERS = {"ema": [], "lookahead": ["train.ema_decay=0.95", "train.ema_mode=lookahead", "train.ema_every_steps=2"]}
 
 
 def cuda_tests() -> dict:
@@ -72,8 +75,20 @@ class SyncCounter:
 
 def sync_audit(*, device: str, steps: int, width: int) -> dict:
     """One epoch of the job's own loop (train_one_epoch with StepEnd, the stop check included) with every recipe
-    option on, after a warm-up epoch, under torch.cuda.set_sync_debug_mode('warn'); any sync inside a step fails.
-    On the CPU there are no CUDA syncs to see: the epoch runs and the counting is the same."""
+    option on, after a warm-up epoch, under torch.cuda.set_sync_debug_mode('warn'); any sync inside a step fails. It
+    runs once per weight averager (AVERAGERS: EMA, then Lookahead), each with the other options of RECIPE_OPTIONS.
+    On the CPU there are no CUDA syncs to see: the epochs run and the counting is the same."""
+    reports = {name: _audit_epoch(device, steps, width, [*RECIPE_OPTIONS, *extra]) for name, extra in AVERAGERS.items()}
+    return {"ok": all(r["ok"] for r in reports.values()), "steps": steps,
+            "syncs_in_steps": sum(r["syncs_in_steps"] for r in reports.values()),
+            "syncs_at_epoch_edges": sum(r["syncs_at_epoch_edges"] for r in reports.values()),
+            "first_syncs": [f"{name} {s}" for name, r in reports.items() for s in r["first_syncs"]][:5],
+            "options": RECIPE_OPTIONS, "averagers": reports,
+            "note": "" if device == "cuda" else "CPU: no CUDA syncs to see; the epochs ran and were counted"}
+
+
+def _audit_epoch(device: str, steps: int, width: int, options: list[str]) -> dict:
+    """SyncCounter's report of the audited epoch of a run with these options."""
     import torch
 
     from job import config, data, distributed, host
@@ -87,8 +102,7 @@ def sync_audit(*, device: str, steps: int, width: int) -> dict:
     with tempfile.TemporaryDirectory() as out:
         cfg = config.load(overrides=[f"train.device={device}", "data.source=synthetic", "data.val_size=0",
                                      f"data.train_subset={64 * steps}", "train.batch_size=64", f"model.width={width}",
-                                     "mlflow.enabled=false", "train.log_every_s=0", f"train.out_dir={out}",
-                                     *RECIPE_OPTIONS])
+                                     "mlflow.enabled=false", "train.log_every_s=0", f"train.out_dir={out}", *options])
         runtime = distributed.setup(device, 120)
         try:
             host.tune(cfg.train, runtime)  # as job.train: cuDNN's autotuner
@@ -116,8 +130,7 @@ def sync_audit(*, device: str, steps: int, width: int) -> dict:
             stop.close()
         finally:
             distributed.teardown()
-    return {**counter.report(), "options": RECIPE_OPTIONS,
-            "note": "" if device == "cuda" else "CPU: no CUDA syncs to see; the epoch ran and was counted"}
+    return {**counter.report(), "options": options}
 
 
 def bench(*, device: str, quick: bool, modes: str, parts: str, timeout_s: float, workdir: str) -> dict:

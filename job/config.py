@@ -366,7 +366,9 @@ def _coerce(key: str, value, annotation):
         options = typing.get_args(annotation)
         if any(type(value) is type(option) and value == option for option in options):  # 1 is not True
             return value
-        raise ConfigError(f"{key} must be {_one_of(options)}, got {show(value)}")
+        hint = (" (YAML reads yes/no/on/off as booleans)" if isinstance(value, bool)
+                and all(isinstance(option, str) for option in options) else "")
+        raise ConfigError(f"{key} must be {_one_of(options)}, got {show(value)}{hint}")
     if typing.get_origin(annotation) is list:
         if isinstance(value, str):  # the older form, "SIGTERM,SIGUSR1"
             value = [item.strip() for item in value.split(",") if item.strip()]
@@ -399,10 +401,17 @@ def _coerce(key: str, value, annotation):
     raise ConfigError(f"{key} must be {names}, got {show(value)}")
 
 
+def _takes_text(annotation) -> bool:
+    """Whether an override's text is the value as typed: a string, or one of string choices (data.flip=no is "no")."""
+    return annotation is str or (typing.get_origin(annotation) is typing.Literal
+                                 and all(isinstance(option, str) for option in typing.get_args(annotation)))
+
+
 def _merge(tree: dict, values: dict, origin: str, raw: str | None = None) -> None:
     """Merge a {section: {key: value}} mapping into tree, checking names (the dataclasses check the values).
 
-    raw is an override's text as typed: a string field takes it verbatim (a hex md5 stays a string).
+    raw is an override's text as typed: a string field, or one of string choices, takes it verbatim (a hex md5
+    stays a string; data.flip=yes is refused as 'yes', not as True).
     """
     if not isinstance(values, dict):
         raise ConfigError(f"{origin} must be a mapping of sections (model, data, train, mlflow)")
@@ -417,8 +426,8 @@ def _merge(tree: dict, values: dict, origin: str, raw: str | None = None) -> Non
             key = f"{section}.{name}"
             if name not in fields:
                 raise _unknown(key)
-            if raw is not None and fields[name].type is str:
-                value = raw
+            if raw is not None and _takes_text(fields[name].type):
+                value = raw if fields[name].type is str else raw.strip()
             tree[section][name] = value
 
 

@@ -24,6 +24,20 @@ class TrackingError(RuntimeError):
     """MLflow cannot be used at the start of a run that requires it; one line naming the URI."""
 
 
+def changed_tags(params: dict[str, str], tags: dict[str, str], flat: dict[str, object], done: int) -> dict[str, str]:
+    """The changed.<key> tags of a reopened run for the keys whose value this launch changes. A run's params are the
+    first launch's (MLflow refuses to overwrite one), so each tag keeps the key's history since then, one change per
+    resume: "0 -> 8 from epoch 3; 8 -> 16 from epoch 5" (done: the epochs already trained)."""
+    changed = {}
+    for key, value in flat.items():
+        history = tags.get(f"changed.{key}")
+        before = history.rsplit(" -> ", 1)[1].split(" from epoch ")[0] if history else params.get(key)
+        if before is not None and before != str(value):
+            step = f"{before} -> {value} from epoch {done + 1}"
+            changed[f"changed.{key}"] = f"{history}; {step}" if history else step
+    return changed
+
+
 class MlflowRun:
     """The MLflow run of one job, on rank 0: what goes to it is sent in order, and what never got there is in `lost`."""
 
@@ -92,6 +106,8 @@ class MlflowRun:
         self.mlflow, self.run_id = mlflow, run.info.run_id
         if run_id is None:
             mlflow.log_params(self.cfg.flat())
+        else:  # params are write-once: what this resume changed goes to changed.<key> tags
+            self.tags.update(changed_tags(found.data.params, found.data.tags, self.cfg.flat(), len(history)))
         self.tags = {**run_tags(self.cfg, self.runtime), **self.tags}  # kept: the registered version carries some
         mlflow.set_tags(self.tags)
         sent = {m.step for m in client.get_metric_history(self.run_id, "train_loss")} if run_id else set()

@@ -54,6 +54,23 @@ def test_no_silent_casts_between_bool_int_and_float(override, message):
     assert str(e.value) == message
 
 
+@pytest.mark.parametrize("source", ["override", "file"])
+def test_a_yes_or_no_for_a_choice_is_named_as_typed_or_as_yaml_read_it(source, tmp_path):
+    """YAML 1.1 reads yes/no/on/off as booleans: an override of string choices keeps the text as typed (padding
+    stripped), and a file's boolean says why it became one."""
+    if source == "override":
+        assert config.load(None, ["data.flip= alternate "]).data.flip == "alternate"
+        args, expected = (None, ["data.flip=yes"]), "data.flip must be random, alternate or none, got 'yes'"
+    else:
+        (tmp_path / "c.yaml").write_text("data:\n  flip: no\n")
+        args, expected = (str(tmp_path / "c.yaml"), []), ("data.flip must be random, alternate or none, got False "
+                                                          "(YAML reads yes/no/on/off as booleans)")
+    with pytest.raises(ConfigError) as e:
+        config.load(*args)
+    assert str(e.value) == expected
+    assert config.load(None, ["train.sync_bn=true"]).train.sync_bn is True  # choices with booleans read YAML
+
+
 CHOICES = [(f"{section.name}.{f.name}", typing.get_args(f.type))
            for section in dataclasses.fields(Config) for f in dataclasses.fields(section.type)
            if typing.get_origin(f.type) is typing.Literal]

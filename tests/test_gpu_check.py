@@ -97,10 +97,12 @@ def test_an_overrunning_part_is_killed_with_every_process_under_it_and_the_next_
 @pytest.mark.filterwarnings("ignore:called a synchronizing")  # the warm-up epoch's fake one, not recorded
 def test_the_sync_audit_fails_on_a_sync_in_any_step_and_allows_the_epochs_edges(monkeypatch):
     """On the CPU nothing syncs; a fake sync warning, as torch.cuda.set_sync_debug_mode('warn') raises one, stands
-    in: in the audited epoch's third step it fails the audit, after the last step (the epoch's sums) it does not."""
+    in: in the audited epoch's third step it fails the audit, after the last step (the epoch's sums) it does not.
+    Both averagers' runs are audited: the fake sync is in the EMA run's, the Lookahead run's stays clean."""
     sync = "called a synchronizing CUDA operation"
     clean = gpu_parts.sync_audit(device="cpu", steps=4, width=8)
     assert clean["ok"] and clean["steps"] == 4 and clean["syncs_in_steps"] == clean["syncs_at_epoch_edges"] == 0
+    assert set(clean["averagers"]) == {"ema", "lookahead"} and all(r["steps"] == 4 for r in clean["averagers"].values())
 
     calls, step = [], loop.train_step
 
@@ -113,8 +115,12 @@ def test_the_sync_audit_fails_on_a_sync_in_any_step_and_allows_the_epochs_edges(
     monkeypatch.setattr(loop, "train_step", syncing_step)
     monkeypatch.setattr(StepEnd, "epoch_end", lambda *a, **k: warnings.warn(sync))  # after the last step
     audit = gpu_parts.sync_audit(device="cpu", steps=4, width=8)
-    assert not audit["ok"] and audit["steps_with_syncs"] == [3] and audit["syncs_in_steps"] == 1
-    assert audit["syncs_at_epoch_edges"] == 1 and audit["first_syncs"][0].startswith("step 3: ")
+    assert not audit["ok"] and audit["syncs_in_steps"] == 1 and audit["first_syncs"][0].startswith("ema step 3: ")
+    ema, lookahead = audit["averagers"]["ema"], audit["averagers"]["lookahead"]
+    assert not ema["ok"] and ema["steps_with_syncs"] == [3] and ema["syncs_in_steps"] == 1
+    assert lookahead["ok"] and lookahead["steps"] == 4  # its run's calls came after the 7th
+    assert "train.ema_mode=lookahead" in lookahead["options"] and "train.ema_decay=0.99" in ema["options"]
+    assert audit["syncs_at_epoch_edges"] == 2  # each run's epoch end: allowed
 
 
 def test_gpu_check_names_what_it_needs_and_the_line_that_installs_it(tmp_path):

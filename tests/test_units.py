@@ -342,6 +342,20 @@ def flaky_tracker(tmp_path, flush_timeout_s: int = 300) -> Tracker:
     return tracker
 
 
+def test_a_resume_names_each_changed_key_in_a_tag_that_keeps_its_history():
+    from job.mlflow_run import changed_tags
+
+    params = {"data.cutout": "0", "train.epochs": "3", "data.root": "data"}
+    first = changed_tags(params, {}, {"data.cutout": 8, "train.epochs": 3, "data.root": "data"}, 2)
+    assert first == {"changed.data.cutout": "0 -> 8 from epoch 3"}
+    second = changed_tags(params, first, {"data.cutout": 16, "train.epochs": 5, "data.root": "data"}, 4)
+    assert second == {"changed.data.cutout": "0 -> 8 from epoch 3; 8 -> 16 from epoch 5",
+                      "changed.train.epochs": "3 -> 5 from epoch 5"}
+    # a launch that changes nothing (or sets a key back to its latest value) adds nothing
+    assert changed_tags(params, second, {"data.cutout": 16, "train.epochs": 5, "data.root": "data"}, 6) == {}
+    assert changed_tags(params, {}, {"model.new_key": 1}, 1) == {}  # a key the run's params never had
+
+
 def test_epochs_queue_while_the_server_is_away_and_go_out_in_order(tmp_path, capsys, monkeypatch):
     for key, value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}.items():
         monkeypatch.setenv(key, value)  # as fail_fast() leaves them when the run opens: QUICK still wins
