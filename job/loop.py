@@ -44,6 +44,19 @@ def precision_warning(precision: str, device: torch.device) -> str | None:
             "picks fp32 here")
 
 
+NARROWEST_CHANNELS_LAST = 8  # model.width below it trains contiguous on the CPU (channels_last_note)
+
+
+def channels_last_note(channels_last: bool, width: int, device: torch.device) -> str | None:
+    """The line for train.channels_last turned off (None where it stays as asked): on the CPU, the backward of a
+    stride-2 1x1 convolution with fewer than 8 input channels in channels_last corrupts the heap and aborts the
+    process (torch 2.14.1 here, BENCHMARKS.md), and model.width < 8 gives layer2's shortcut such a convolution."""
+    if not channels_last or device.type != "cpu" or width >= NARROWEST_CHANNELS_LAST:
+        return None
+    return (f"train.channels_last off: model.width={width} < {NARROWEST_CHANNELS_LAST} on the CPU trains contiguous "
+            f"(torch's channels_last backward of a narrow stride-2 1x1 convolution corrupts memory here)")
+
+
 @dataclass(kw_only=True)
 class TrainState:
     """Where training stands: everything besides the weights and the optimizer that a resume continues from."""

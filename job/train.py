@@ -25,7 +25,7 @@ from job.config import Config, ConfigError
 from job.data import DataError, Splits
 from job.distributed import LaunchError, Runtime
 from job.launch import check_launch, steps_per_epoch
-from job.loop import Parts, TrainState, precision_warning, train_one_epoch
+from job.loop import Parts, TrainState, channels_last_note, precision_warning, train_one_epoch
 from job.outdir import OutDirError
 from job.preemption import PREEMPTED_EXIT_CODE, Preempted, StopSignal
 from job.progress import Progress
@@ -164,6 +164,10 @@ def train_out_dir(cfg: Config, runtime: Runtime, config_path: str | None) -> boo
     slow_precision = precision_warning(t.precision, runtime.device)
     if slow_precision:
         tracker.warn(slow_precision)
+    narrow = channels_last_note(t.channels_last, cfg.model.width, runtime.device)
+    if narrow:
+        t.channels_last = False  # what this launch trains with: the checkpoint and the MLflow params say so
+        tracker.info(narrow)
     resized = start.world_size_note(runtime.world_size, t.batch_size, steps)
     if resized:
         tracker.info(resized)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.conftest import load_ckpt, read_metrics, run_job
+from tests.conftest import TINY, load_ckpt, read_metrics, run_job
 
 pytestmark = pytest.mark.slow  # torchrun launches (tests/conftest.py SLOW_FIXTURES)
 
@@ -85,3 +85,20 @@ def test_batch_not_divisible_by_world_size(tmp_path, tiny):
     assert "error: train.batch_size 63 is not divisible by the world size 2" in result.stderr
     assert result.stderr.count("error: train.batch_size") == 1  # rank 0 alone speaks
     assert not (tmp_path / "out").exists()
+
+
+def test_a_width_below_8_trains_contiguous_on_the_cpu_instead_of_corrupting_memory(tmp_path):
+    """torch's CPU backward of a stride-2 1x1 convolution with < 8 input channels in channels_last corrupts the heap
+    (the process aborts: free(): invalid next size); such a width trains contiguous, says so, and finishes."""
+    import torch
+
+    from job.loop import channels_last_note
+
+    out = tmp_path / "out"
+    result = run_job([*TINY, "model.width=4", "train.epochs=1", f"train.out_dir={out}"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("train.channels_last off: model.width=4 < 8 on the CPU trains contiguous") == 1
+    assert load_ckpt(out / "checkpoints" / "last.pt")["config"]["train"]["channels_last"] is False
+    assert read_metrics(out)[-1]["test_images"] == 512
+    assert channels_last_note(True, 8, torch.device("cpu")) is None  # 8 and wider: as asked
+    assert channels_last_note(True, 4, torch.device("cuda")) is None and channels_last_note(False, 4, torch.device("cpu")) is None
