@@ -13,7 +13,7 @@ from job import averaging, data
 from job.config import Config
 from job.distributed import Runtime
 from job.launch import use_sync_bn
-from job.loop import Parts, autocast_dtype
+from job.loop import Parts, autocast_dtype, channels_last_note
 from job.optim import build_optimizer, build_scheduler
 from job.scoring import Scores, evaluate
 from senet import senet
@@ -32,12 +32,13 @@ def build(cfg: Config, runtime: Runtime, steps: int, saved: dict | None,
         model.whiten_stem_(data.normalize(train_images[:WHITEN_IMAGES]))
     if use_sync_bn(t.sync_bn, t.batch_size // runtime.world_size, runtime):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameter and buffer names
-    if t.channels_last:
+    layout = channels_last_note(t.channels_last, cfg.model.width, runtime.device) is None and t.channels_last
+    if layout:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, t)
     parts = Parts(model, model, model, optimizer, build_scheduler(optimizer, t, steps),
                   torch.amp.GradScaler(runtime.device.type, enabled=t.precision == "fp16"),
-                  ema=averaging.build(model, t.ema_decay, t.ema_mode, t.ema_every_steps))
+                  ema=averaging.build(model, t.ema_decay, t.ema_mode, t.ema_every_steps), channels_last=layout)
     if saved:
         parts.load_state_dict(saved)
         torch.set_rng_state(saved["rng"]["torch"])
@@ -64,5 +65,5 @@ def score(parts: Parts, images: torch.Tensor, labels: torch.Tensor, cfg: Config,
     """Validation or test scores of the evaluated weights (the EMA's when on), every image once across the ranks."""
     t = cfg.train
     return evaluate(parts.eval_model, images, labels, runtime, batch_size=t.eval_batch_size,
-                    channels_last=t.channels_last, autocast_dtype=autocast_dtype(t.precision, runtime.device),
+                    channels_last=parts.channels_last, autocast_dtype=autocast_dtype(t.precision, runtime.device),
                     tta=t.tta)

@@ -402,9 +402,9 @@ def _coerce(key: str, value, annotation):
 
 
 def _takes_text(annotation) -> bool:
-    """Whether an override's text is the value as typed: a string, or one of string choices (data.flip=no is "no")."""
-    return annotation is str or (typing.get_origin(annotation) is typing.Literal
-                                 and all(isinstance(option, str) for option in typing.get_args(annotation)))
+    """Whether a key's choices are all strings, so that an override YAML reads as another type is taken as typed."""
+    return (typing.get_origin(annotation) is typing.Literal
+            and all(isinstance(option, str) for option in typing.get_args(annotation)))
 
 
 def _merge(tree: dict, values: dict, origin: str, raw: str | None = None) -> None:
@@ -426,8 +426,10 @@ def _merge(tree: dict, values: dict, origin: str, raw: str | None = None) -> Non
             key = f"{section}.{name}"
             if name not in fields:
                 raise _unknown(key)
-            if raw is not None and _takes_text(fields[name].type):
-                value = raw if fields[name].type is str else raw.strip()
+            if raw is not None and fields[name].type is str:
+                value = raw
+            elif raw is not None and _takes_text(fields[name].type) and not isinstance(value, str):
+                value = raw.strip()  # data.flip=yes: YAML's True, but "yes" was typed ("random" keeps YAML's reading)
             tree[section][name] = value
 
 

@@ -48,7 +48,8 @@ NARROWEST_CHANNELS_LAST = 8  # model.width below it trains contiguous on the CPU
 
 
 def channels_last_note(channels_last: bool, width: int, device: torch.device) -> str | None:
-    """The line for train.channels_last turned off (None where it stays as asked): on the CPU, the backward of a
+    """The line for train.channels_last turned off in this launch (None where it stays as asked; the config keeps
+    what was asked, build() lays out the model and Parts.channels_last the batches): on the CPU, the backward of a
     stride-2 1x1 convolution with fewer than 8 input channels in channels_last corrupts the heap and aborts the
     process (torch 2.14.1 here, BENCHMARKS.md), and model.width < 8 gives layer2's shortcut such a convolution."""
     if not channels_last or device.type != "cpu" or width >= NARROWEST_CHANNELS_LAST:
@@ -116,6 +117,9 @@ class Parts:
     scaler: torch.amp.GradScaler
     ema: EMA | Lookahead | None = None
     """The weight averaging of train.ema_decay (job/averaging.py)."""
+    channels_last: bool = False
+    """Whether the model and the batches are in channels_last: train.channels_last, unless channels_last_note
+    turns it off."""
 
     def state_dict(self) -> dict:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -208,7 +212,7 @@ def train_one_epoch(parts: Parts, splits: Splits, cfg: Config, runtime: Runtime,
         g = data.step_generator(t.seed, epoch, step, runtime.rank, runtime.device)
         x = data.augment(splits.train_x[idx], g, d.cutout, padding=d.crop_padding, pad_mode=d.pad_mode,
                          flip=None if flips is None else flips[idx])
-        x = data.normalize(x, t.channels_last)
+        x = data.normalize(x, parts.channels_last)
         y = target = splits.train_y[idx]
         if mix_fn is not None:
             x, target = mix(mix_fn, x, y, data.step_seed(t.seed, epoch, step, runtime.rank, stream=1))

@@ -24,18 +24,18 @@ class TrackingError(RuntimeError):
     """MLflow cannot be used at the start of a run that requires it; one line naming the URI."""
 
 
-def changed_tags(params: dict[str, str], tags: dict[str, str], flat: dict[str, object], done: int) -> dict[str, str]:
-    """The changed.<key> tags of a reopened run for the keys whose value this launch changes. A run's params are the
-    first launch's (MLflow refuses to overwrite one), so each tag keeps the key's history since then, one change per
-    resume: "0 -> 8 from epoch 3; 8 -> 16 from epoch 5" (done: the epochs already trained)."""
-    changed = {}
-    for key, value in flat.items():
-        history = tags.get(f"changed.{key}")
-        before = history.rsplit(" -> ", 1)[1].split(" from epoch ")[0] if history else params.get(key)
-        if before is not None and before != str(value):
-            step = f"{before} -> {value} from epoch {done + 1}"
-            changed[f"changed.{key}"] = f"{history}; {step}" if history else step
-    return changed
+TAG_LIMIT = 8000  # MLflow's longest tag value (mlflow.utils.validation.MAX_TAG_VAL_LENGTH)
+
+
+def extend_history(before: str | None, change: str) -> str:
+    """A changed.<key> tag after one more resume's change: every change in order, "; " between them ("0 -> 8 from
+    epoch 3; 8 -> 16 from epoch 5"); past MLflow's limit the first stays and the oldest after it go ("...")."""
+    value = f"{before}; {change}" if before else change
+    if len(value) <= TAG_LIMIT:
+        return value
+    first = value.split("; ", 1)[0][:TAG_LIMIT // 2]
+    tail = value[len(value) - (TAG_LIMIT - len(first) - len("; ...; ")):]
+    return f"{first}; ...; {tail.split('; ', 1)[-1]}"
 
 
 class MlflowRun:
@@ -106,8 +106,9 @@ class MlflowRun:
         self.mlflow, self.run_id = mlflow, run.info.run_id
         if run_id is None:
             mlflow.log_params(self.cfg.flat())
-        else:  # params are write-once: what this resume changed goes to changed.<key> tags
-            self.tags.update(changed_tags(found.data.params, found.data.tags, self.cfg.flat(), len(history)))
+        else:  # params are write-once: a resume's changes (resume.Plan.tags) add to the run's changed.<key> tags
+            self.tags.update({key: extend_history(found.data.tags.get(key), change)
+                              for key, change in self.tags.items() if key.startswith("changed.")})
         self.tags = {**run_tags(self.cfg, self.runtime), **self.tags}  # kept: the registered version carries some
         mlflow.set_tags(self.tags)
         sent = {m.step for m in client.get_metric_history(self.run_id, "train_loss")} if run_id else set()

@@ -59,8 +59,17 @@ class Plan:
         return state, lost
 
     def tags(self) -> dict[str, str]:
-        """The MLflow tags this start gives the run: resumed_from=PATH for another run's checkpoint."""
-        return {"resumed_from": str(self.path.resolve())} if self.foreign else {}
+        """The MLflow tags this start gives the run: resumed_from=PATH for another run's checkpoint, and
+        changed.<key> = "old -> new from epoch E [step S]" for each setting it changes (the run's params keep the
+        first launch's values; a reopened run's tag keeps every change: job/mlflow_run.py extend_history)."""
+        tags = {"resumed_from": str(self.path.resolve())} if self.foreign else {}
+        if self.changes:
+            state = self.saved["train_state"]
+            where = f"epoch {state['epoch'] + 1}" + (f" step {state['step']}" if state.get("step") else "")
+            for change in self.changes:  # "key old -> new"
+                key, move = change.split(" ", 1)
+                tags[f"changed.{key}"] = f"{move} from {where}"
+        return tags
 
     def world_size_note(self, world_size: int, batch_size: int, steps: int) -> str | None:
         """The line for a checkpoint written at another world size (world_size_change); None at the same one or

@@ -166,7 +166,6 @@ def train_out_dir(cfg: Config, runtime: Runtime, config_path: str | None) -> boo
         tracker.warn(slow_precision)
     narrow = channels_last_note(t.channels_last, cfg.model.width, runtime.device)
     if narrow:
-        t.channels_last = False  # what this launch trains with: the checkpoint and the MLflow params say so
         tracker.info(narrow)
     resized = start.world_size_note(runtime.world_size, t.batch_size, steps)
     if resized:

@@ -60,6 +60,7 @@ def test_a_yes_or_no_for_a_choice_is_named_as_typed_or_as_yaml_read_it(source, t
     stripped), and a file's boolean says why it became one."""
     if source == "override":
         assert config.load(None, ["data.flip= alternate "]).data.flip == "alternate"
+        assert config.load(None, ['data.flip="none"']).data.flip == "none"  # quoted: YAML's string
         args, expected = (None, ["data.flip=yes"]), "data.flip must be random, alternate or none, got 'yes'"
     else:
         (tmp_path / "c.yaml").write_text("data:\n  flip: no\n")

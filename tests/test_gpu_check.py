@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from bench import gpu_parts
-from job import loop
+from job import averaging, loop
 from job.steps import StepEnd
 from tests.conftest import ROOT, TINY, job_env, kill_tree, read_metrics
 
@@ -98,11 +98,11 @@ def test_an_overrunning_part_is_killed_with_every_process_under_it_and_the_next_
 def test_the_sync_audit_fails_on_a_sync_in_any_step_and_allows_the_epochs_edges(monkeypatch):
     """On the CPU nothing syncs; a fake sync warning, as torch.cuda.set_sync_debug_mode('warn') raises one, stands
     in: in the audited epoch's third step it fails the audit, after the last step (the epoch's sums) it does not.
-    Both averagers' runs are audited: the fake sync is in the EMA run's, the Lookahead run's stays clean."""
+    Both averagers' runs are audited: the EMA run has the step's fake sync, the Lookahead run one at each average."""
     sync = "called a synchronizing CUDA operation"
     clean = gpu_parts.sync_audit(device="cpu", steps=4, width=8)
     assert clean["ok"] and clean["steps"] == 4 and clean["syncs_in_steps"] == clean["syncs_at_epoch_edges"] == 0
-    assert set(clean["averagers"]) == {"ema", "lookahead"} and all(r["steps"] == 4 for r in clean["averagers"].values())
+    assert set(clean["averagers"]) == {"average", "lookahead"} and all(r["steps"] == 4 for r in clean["averagers"].values())
 
     calls, step = [], loop.train_step
 
@@ -112,14 +112,23 @@ def test_the_sync_audit_fails_on_a_sync_in_any_step_and_allows_the_epochs_edges(
             warnings.warn(sync)
         return step(*args, **kwargs)
 
+    lookahead_update = averaging.Lookahead.update
+
+    def syncing_update(self, step, total_steps):  # a fake sync each time Lookahead averages and copies back
+        if step % self.every == 0:
+            warnings.warn(sync)
+        return lookahead_update(self, step, total_steps)
+
     monkeypatch.setattr(loop, "train_step", syncing_step)
+    monkeypatch.setattr(averaging.Lookahead, "update", syncing_update)
     monkeypatch.setattr(StepEnd, "epoch_end", lambda *a, **k: warnings.warn(sync))  # after the last step
     audit = gpu_parts.sync_audit(device="cpu", steps=4, width=8)
-    assert not audit["ok"] and audit["syncs_in_steps"] == 1 and audit["first_syncs"][0].startswith("ema step 3: ")
-    ema, lookahead = audit["averagers"]["ema"], audit["averagers"]["lookahead"]
-    assert not ema["ok"] and ema["steps_with_syncs"] == [3] and ema["syncs_in_steps"] == 1
-    assert lookahead["ok"] and lookahead["steps"] == 4  # its run's calls came after the 7th
-    assert "train.ema_mode=lookahead" in lookahead["options"] and "train.ema_decay=0.99" in ema["options"]
+    assert not audit["ok"] and audit["syncs_in_steps"] == 3 and audit["first_syncs"][0].startswith("average step 3: ")
+    average, lookahead = audit["averagers"]["average"], audit["averagers"]["lookahead"]
+    assert not average["ok"] and average["steps_with_syncs"] == [3] and average["syncs_in_steps"] == 1
+    # Lookahead (every 2 steps) averages inside the audited steps: its fake syncs are in steps 2 and 4
+    assert not lookahead["ok"] and lookahead["steps_with_syncs"] == [2, 4] and lookahead["steps"] == 4
+    assert "train.ema_mode=lookahead" in lookahead["options"] and "train.ema_decay=0.99" in average["options"]
     assert audit["syncs_at_epoch_edges"] == 2  # each run's epoch end: allowed
 
 

@@ -269,14 +269,15 @@ def test_killed_after_an_epoch_and_resumed_keeps_one_run(mlflow_server, tmp_path
     client = mlflow_server.client()
     killed = only_run(client, "resumed")
     assert killed.info.status == "RUNNING"  # not FINISHED: resumable
-    done = train_state(out / "checkpoints" / "last.pt")["epoch"]
+    stopped = train_state(out / "checkpoints" / "last.pt")
+    where = f"epoch {stopped['epoch'] + 1}" + (f" step {stopped['step']}" if stopped.get("step") else "")
 
     result = run_job([*args, "data.cutout=4"], nproc=2)  # a key a resume may change: the run says so in a tag
     assert result.returncode == 0, result.stderr[-3000:]
     run = only_run(client, "resumed")
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
     assert run.data.params["data.cutout"] == "0"  # MLflow keeps a param's first value
-    assert run.data.tags["changed.data.cutout"] == f"0 -> 4 from epoch {done + 1}"
+    assert run.data.tags["changed.data.cutout"] == f"0 -> 4 from {where}"
     assert not any(t.startswith("changed.") and t != "changed.data.cutout" for t in run.data.tags)
     for key in ("train_loss", "val_acc", "lr"):
         assert steps(client, run.info.run_id, key) == [0, 1, 2, 3], key  # each epoch once

@@ -98,7 +98,10 @@ def test_a_width_below_8_trains_contiguous_on_the_cpu_instead_of_corrupting_memo
     result = run_job([*TINY, "model.width=4", "train.epochs=1", f"train.out_dir={out}"])
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("train.channels_last off: model.width=4 < 8 on the CPU trains contiguous") == 1
-    assert load_ckpt(out / "checkpoints" / "last.pt")["config"]["train"]["channels_last"] is False
+    saved = load_ckpt(out / "checkpoints" / "last.pt")
+    assert saved["config"]["train"]["channels_last"] is True  # the config keeps what was asked
+    assert saved["model"]["layer2.0.conv1.weight"].is_contiguous()  # the launch trained contiguous (3x3: strides tell)
     assert read_metrics(out)[-1]["test_images"] == 512
     assert channels_last_note(True, 8, torch.device("cpu")) is None  # 8 and wider: as asked
-    assert channels_last_note(True, 4, torch.device("cuda")) is None and channels_last_note(False, 4, torch.device("cpu")) is None
+    assert channels_last_note(True, 4, torch.device("cuda")) is None
+    assert channels_last_note(False, 4, torch.device("cpu")) is None

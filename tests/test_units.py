@@ -342,18 +342,30 @@ def flaky_tracker(tmp_path, flush_timeout_s: int = 300) -> Tracker:
     return tracker
 
 
-def test_a_resume_names_each_changed_key_in_a_tag_that_keeps_its_history():
-    from job.mlflow_run import changed_tags
+def test_a_resume_names_each_change_in_a_tag_that_keeps_its_history():
+    from pathlib import Path
 
-    params = {"data.cutout": "0", "train.epochs": "3", "data.root": "data"}
-    first = changed_tags(params, {}, {"data.cutout": 8, "train.epochs": 3, "data.root": "data"}, 2)
+    from job.mlflow_run import TAG_LIMIT, extend_history
+
+    def plan(epoch: int, step: int, *changes: str) -> resume.Plan:
+        return resume.Plan(Path("c.pt"), {"train_state": {"epoch": epoch, "step": step}}, changes)
+
+    first = plan(2, 0, "data.cutout 0 -> 8").tags()
     assert first == {"changed.data.cutout": "0 -> 8 from epoch 3"}
-    second = changed_tags(params, first, {"data.cutout": 16, "train.epochs": 5, "data.root": "data"}, 4)
-    assert second == {"changed.data.cutout": "0 -> 8 from epoch 3; 8 -> 16 from epoch 5",
-                      "changed.train.epochs": "3 -> 5 from epoch 5"}
-    # a launch that changes nothing (or sets a key back to its latest value) adds nothing
-    assert changed_tags(params, second, {"data.cutout": 16, "train.epochs": 5, "data.root": "data"}, 6) == {}
-    assert changed_tags(params, {}, {"model.new_key": 1}, 1) == {}  # a key the run's params never had
+    second = plan(4, 7, "data.cutout 8 -> 16", "train.epochs 5 -> 6").tags()  # mid-epoch: the step too
+    assert second == {"changed.data.cutout": "8 -> 16 from epoch 5 step 7",
+                      "changed.train.epochs": "5 -> 6 from epoch 5 step 7"}
+    assert plan(3, 0).tags() == {}  # a launch that changes nothing tags nothing
+    # a reopened run appends each resume's change to the tag it holds; separators inside values do not matter
+    assert extend_history(first["changed.data.cutout"], second["changed.data.cutout"]) == \
+        "0 -> 8 from epoch 3; 8 -> 16 from epoch 5 step 7"
+    assert extend_history(None, "/a -> b; c -> /d from epoch 2") == "/a -> b; c -> /d from epoch 2"
+    # past MLflow's limit: the first change stays, the oldest after it go, the latest is whole
+    value = None
+    for i in range(400):
+        value = extend_history(value, f"/scratch/job{i} -> /scratch/job{i + 1} from epoch {i + 2}")
+    assert len(value) <= TAG_LIMIT and value.startswith("/scratch/job0 -> /scratch/job1 from epoch 2; ...; ")
+    assert value.endswith("; /scratch/job399 -> /scratch/job400 from epoch 401")
 
 
 def test_epochs_queue_while_the_server_is_away_and_go_out_in_order(tmp_path, capsys, monkeypatch):
