@@ -27,7 +27,8 @@ RECIPE_OPTIONS = ["train.ema_decay=0.99", "data.mixup_alpha=0.2", "data.cutmix_a
                   "data.pad_mode=reflect", "train.bn_bias_lr_mult=8"]
 # the two weight averagers exclude each other: the audit runs the epoch once with each (Lookahead every 2 steps, so
 # its average-and-copy-back happens inside the audited steps)
-AVERAGERS = {"ema": [], "lookahead": ["train.ema_decay=0.95", "train.ema_mode=lookahead", "train.ema_every_steps=2"]}
+AVERAGERS = {"average": [],
+             "lookahead": ["train.ema_decay=0.95", "train.ema_mode=lookahead", "train.ema_every_steps=2"]}
 
 
 def cuda_tests() -> dict:
@@ -76,7 +77,7 @@ class SyncCounter:
 def sync_audit(*, device: str, steps: int, width: int) -> dict:
     """One epoch of the job's own loop (train_one_epoch with StepEnd, the stop check included) with every recipe
     option on, after a warm-up epoch, under torch.cuda.set_sync_debug_mode('warn'); any sync inside a step fails. It
-    runs once per weight averager (AVERAGERS: EMA, then Lookahead), each with the other options of RECIPE_OPTIONS.
+    runs once per weight averager (AVERAGERS: train.ema_mode average, then lookahead), each with the other options of RECIPE_OPTIONS.
     On the CPU there are no CUDA syncs to see: the epochs run and the counting is the same."""
     reports = {name: _audit_epoch(device, steps, width, [*RECIPE_OPTIONS, *extra]) for name, extra in AVERAGERS.items()}
     return {"ok": all(r["ok"] for r in reports.values()), "steps": steps,
