@@ -77,7 +77,8 @@ class SyncCounter:
 def sync_audit(*, device: str, steps: int, width: int) -> dict:
     """One epoch of the job's own loop (train_one_epoch with StepEnd, the stop check included) with every recipe
     option on, after a warm-up epoch, under torch.cuda.set_sync_debug_mode('warn'); any sync inside a step fails. It
-    runs once per weight averager (AVERAGERS: train.ema_mode average, then lookahead), each with the other options of RECIPE_OPTIONS.
+    runs once per weight averager (AVERAGERS: train.ema_mode average, then lookahead), each with the other options
+    of RECIPE_OPTIONS.
     On the CPU there are no CUDA syncs to see: the epochs run and the counting is the same."""
     reports = {name: _audit_epoch(device, steps, width, [*RECIPE_OPTIONS, *extra]) for name, extra in AVERAGERS.items()}
     return {"ok": all(r["ok"] for r in reports.values()), "steps": steps,
