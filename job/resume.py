@@ -60,12 +60,13 @@ class Plan:
 
     def tags(self) -> dict[str, str]:
         """The MLflow tags this start gives the run: resumed_from=PATH for another run's checkpoint, and
-        changed.<key> = "old -> new from epoch E [step S]" for each setting it changes (the run's params keep the
-        first launch's values; a reopened run's tag keeps every change: job/mlflow_run.py extend_history)."""
+        changed.<key> = "old -> new from epoch E [step S] (MLflow step E-1)" for each setting it changes (the run's
+        params keep the first launch's values; a reopened run's tag keeps every change: mlflow_run.extend_history)."""
         tags = {"resumed_from": str(self.path.resolve())} if self.foreign else {}
         if self.changes:
             state = self.saved["train_state"]
-            where = f"epoch {state['epoch'] + 1}" + (f" step {state['step']}" if state.get("step") else "")
+            where = (f"epoch {state['epoch'] + 1}" + (f" step {state['step']}" if state.get("step") else "")
+                     + f" (MLflow step {state['epoch']})")  # the console counts epochs from 1, the metrics from 0
             for change in self.changes:  # "key old -> new"
                 key, move = change.split(" ", 1)
                 tags[f"changed.{key}"] = f"{move} from {where}"

@@ -270,7 +270,8 @@ def test_killed_after_an_epoch_and_resumed_keeps_one_run(mlflow_server, tmp_path
     killed = only_run(client, "resumed")
     assert killed.info.status == "RUNNING"  # not FINISHED: resumable
     stopped = train_state(out / "checkpoints" / "last.pt")
-    where = f"epoch {stopped['epoch'] + 1}" + (f" step {stopped['step']}" if stopped.get("step") else "")
+    where = (f"epoch {stopped['epoch'] + 1}" + (f" step {stopped['step']}" if stopped.get("step") else "")
+             + f" (MLflow step {stopped['epoch']})")
 
     result = run_job([*args, "data.cutout=4"], nproc=2)  # a key a resume may change: the run says so in a tag
     assert result.returncode == 0, result.stderr[-3000:]

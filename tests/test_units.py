@@ -351,14 +351,14 @@ def test_a_resume_names_each_change_in_a_tag_that_keeps_its_history():
         return resume.Plan(Path("c.pt"), {"train_state": {"epoch": epoch, "step": step}}, changes)
 
     first = plan(2, 0, "data.cutout 0 -> 8").tags()
-    assert first == {"changed.data.cutout": "0 -> 8 from epoch 3"}
+    assert first == {"changed.data.cutout": "0 -> 8 from epoch 3 (MLflow step 2)"}
     second = plan(4, 7, "data.cutout 8 -> 16", "train.epochs 5 -> 6").tags()  # mid-epoch: the step too
-    assert second == {"changed.data.cutout": "8 -> 16 from epoch 5 step 7",
-                      "changed.train.epochs": "5 -> 6 from epoch 5 step 7"}
+    assert second == {"changed.data.cutout": "8 -> 16 from epoch 5 step 7 (MLflow step 4)",
+                      "changed.train.epochs": "5 -> 6 from epoch 5 step 7 (MLflow step 4)"}
     assert plan(3, 0).tags() == {}  # a launch that changes nothing tags nothing
     # a reopened run appends each resume's change to the tag it holds; separators inside values do not matter
     assert extend_history(first["changed.data.cutout"], second["changed.data.cutout"]) == \
-        "0 -> 8 from epoch 3; 8 -> 16 from epoch 5 step 7"
+        "0 -> 8 from epoch 3 (MLflow step 2); 8 -> 16 from epoch 5 step 7 (MLflow step 4)"
     assert extend_history(None, "/a -> b; c -> /d from epoch 2") == "/a -> b; c -> /d from epoch 2"
     # past MLflow's limit: the first change stays, the oldest after it go, the latest is whole
     value = None
