@@ -410,8 +410,8 @@ def _takes_text(annotation) -> bool:
 def _merge(tree: dict, values: dict, origin: str, raw: str | None = None) -> None:
     """Merge a {section: {key: value}} mapping into tree, checking names (the dataclasses check the values).
 
-    raw is an override's text as typed: a string field, or one of string choices, takes it verbatim (a hex md5
-    stays a string; data.flip=yes is refused as 'yes', not as True).
+    raw is an override's text as typed: a string field takes it verbatim (a hex md5 stays a string), and a key of
+    string choices takes it, stripped, where YAML read another type (data.flip=yes is refused as 'yes', not True).
     """
     if not isinstance(values, dict):
         raise ConfigError(f"{origin} must be a mapping of sections (model, data, train, mlflow)")
