@@ -32,7 +32,7 @@ def build(cfg: Config, runtime: Runtime, steps: int, saved: dict | None,
         model.whiten_stem_(data.normalize(train_images[:WHITEN_IMAGES]))
     if use_sync_bn(t.sync_bn, t.batch_size // runtime.world_size, runtime):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameter and buffer names
-    layout = channels_last_note(t.channels_last, cfg.model.width, runtime.device) is None and t.channels_last
+    layout = t.channels_last and not channels_last_note(t.channels_last, cfg.model.width, runtime.device)
     if layout:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, t)
