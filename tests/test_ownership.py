@@ -18,10 +18,13 @@ LONG = [*TINY, "train.epochs=40"]
 
 def test_a_second_launch_on_a_busy_out_dir_refuses_and_the_first_finishes_untouched(tmp_path):
     out = tmp_path / "out"
-    first = start_job([*TINY, "train.epochs=4", f"train.out_dir={out}"])
+    first = start_job([*TINY, "train.epochs=6", f"train.out_dir={out}"])
     try:
         wait_until(lambda: (out / "metrics.jsonl").exists(), proc=first, what="the first launch to train")
-        second = run_job([*TINY, "train.epochs=4", f"train.out_dir={out}"], timeout=120)
+        os.killpg(first.pid, signal.SIGSTOP)  # held mid-run, lock and all: a fast machine must not finish it first
+        assert first.poll() is None, "the first launch ended before the second could meet it"
+        second = run_job([*TINY, "train.epochs=6", f"train.out_dir={out}"], timeout=120)
+        os.killpg(first.pid, signal.SIGCONT)
         assert second.returncode == 1 and second.stdout == ""
         line = second.stderr.strip()
         assert line.count("\n") == 0, second.stderr
@@ -31,7 +34,7 @@ def test_a_second_launch_on_a_busy_out_dir_refuses_and_the_first_finishes_untouc
         kill_tree(first.pid)
     assert first.returncode == 0, err[-2000:]
     epochs = [r["epoch"] for r in read_metrics(out) if "epoch" in r and "val_acc" in r]
-    assert epochs == [0, 1, 2, 3]  # no interleaved lines from the refused launch
+    assert epochs == [0, 1, 2, 3, 4, 5]  # no interleaved lines from the refused launch
     assert (out / "finished.json").exists() and (out / ".owner").read_text() == ""
 
 
