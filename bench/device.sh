@@ -8,7 +8,7 @@
 # Here, once:   mkdir -p .carry && cp ../shared/data/cifar10-train-jpeg.tar.gz ../shared/data/cifar10_dev.py .carry/
 #               echo /.carry/ >> .git/info/exclude
 # Device call:  run(command="OUT=$OUT bash bench/device.sh", carry=[".carry"], timeout_s=600)
-# CPU proof:    TINY=1 OUT=/tmp/out bash bench/device.sh     (synthetic data, width 4, two arms; what CI runs)
+# CPU proof:    TINY=1 OUT=/tmp/out bash bench/device.sh     (synthetic data, width 8, three arms; what CI runs)
 #
 # The device image has torch and torchvision but no mlflow: PYTHONPATH=. and mlflow.enabled=false.
 set -uo pipefail

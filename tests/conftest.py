@@ -15,8 +15,8 @@ from tests.forkjob import free_port  # the one the tests and the fork server use
 ROOT = Path(__file__).resolve().parents[1]
 
 # Tiny, fast settings used by the end-to-end tests (width 8, a few hundred synthetic images).
-TINY = ["model.width=8", "data.source=synthetic", "data.val_size=256", "data.train_subset=1024",
-        "data.test_subset=512", "train.batch_size=64", "train.lr=0.05", "train.ref_batch_size=64",
+TINY = ["model.width=8", "data.source=synthetic", "data.val_size=128", "data.train_subset=512",
+        "data.test_subset=256", "train.batch_size=32", "train.lr=0.05", "train.ref_batch_size=32",
         "train.warmup_epochs=0.5", "train.eval_batch_size=256", "mlflow.enabled=false",
         "train.device=cpu",  # gloo on the CPU by intent, never by accident of the hardware (a GPU machine too)
         "train.log_every_s=0"]  # a slow CI machine must not add a progress line to the logs tests read
@@ -185,7 +185,7 @@ class MlflowServer:
         return mlflow.MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # one per test worker (~12 CPU-s a start): the tests keep to names of their own
 def mlflow_server(tmp_path_factory):
     server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
     yield server

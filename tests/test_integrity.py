@@ -23,7 +23,7 @@ from job.optim import build_optimizer, build_scheduler
 from senet import senet18
 from tests.conftest import TINY, TRACKED, read_metrics, train_state
 
-SMALL = ["data.train_subset=256", "data.val_size=64", "data.test_subset=64"]  # 4 steps an epoch
+SMALL = ["data.train_subset=128", "data.val_size=64", "data.test_subset=64"]  # 4 steps an epoch
 CPU = Runtime(rank=0, local_rank=0, world_size=1, local_world_size=1, num_nodes=1, device=torch.device("cpu"),
               backend="gloo")
 FULL_DISK = "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"  # what torch.save raises

@@ -72,7 +72,7 @@ def test_two_ranks_log_one_run_from_rank_zero_only(mlflow_server, two_ranks, tmp
     assert run.info.status == "FINISHED"
     params = run.data.params
     assert params["train.epochs"] == "3" and params["model.width"] == "8" and params["data.source"] == "synthetic"
-    assert params["train.batch_size"] == "64" and "mlflow.tracking_uri" in params
+    assert params["train.batch_size"] == "32" and "mlflow.tracking_uri" in params
     tags = run.data.tags
     assert tags["world_size"] == "2" and tags["nodes"] == "1" and tags["device"] == "cpu"
     assert tags["torch"] == torch.__version__ and len(tags["git_commit"]) == 40 and len(tags["config_hash"]) == 12

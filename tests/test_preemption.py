@@ -89,7 +89,7 @@ def test_kill_after_a_step_checkpoint_resumes_mid_epoch_exactly(straight, tmp_pa
     # the same checkpoint on one process (a preempted job back on fewer GPUs): said in one line, then trained on
     alone = run_job([*COMMON, f"train.out_dir={one}"])
     assert alone.returncode == 0, alone.stderr[-3000:]
-    assert (f"resume: world size 2 -> 1: per-rank batch 32 -> 64 (global 64, 16 steps per epoch and the LR "
+    assert (f"resume: world size 2 -> 1: per-rank batch 16 -> 32 (global 32, 16 steps per epoch and the LR "
             f"schedule unchanged); epoch {epoch + 1} goes on at step {step} of 16 with the images the 2 rank(s) "
             f"had not reached") in alone.stdout
     assert [r.get("epoch") for r in read_metrics(one)] == [0, 1, 2, None]
@@ -106,7 +106,7 @@ def test_a_one_process_run_stopped_mid_epoch_resumes_on_two_ranks(tmp_path):
     where = f"goes on at step {step} of 16" if step else "starts at its beginning"
     resumed = run_job([*COMMON, f"train.out_dir={out}"], nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert (f"resume: world size 1 -> 2: per-rank batch 64 -> 32 (global 64, 16 steps per epoch and the LR "
+    assert (f"resume: world size 1 -> 2: per-rank batch 32 -> 16 (global 32, 16 steps per epoch and the LR "
             f"schedule unchanged); epoch {epoch + 1} {where}") in resumed.stdout
     assert [r.get("epoch") for r in read_metrics(out)][-1] is None
     assert read_metrics(out)[-1]["test_acc"] > 0.5

@@ -24,10 +24,10 @@ def dev_split(tmp_path_factory) -> Path:
 def test_a_short_run_on_real_images_learns_far_above_chance(dev_split, tmp_path):
     out = tmp_path / "out"
     result = run_job([f"data.root={dev_split}", "data.verify=false", "data.val_size=1000", "data.train_subset=4000",
-                      "data.test_subset=2000", "model.width=16", "train.epochs=3", "train.batch_size=128",
+                      "data.test_subset=2000", "model.width=8", "train.epochs=3", "train.batch_size=128",
                       "train.warmup_epochs=0.5", "train.schedule=onecycle", "train.eval_batch_size=500",
                       "mlflow.enabled=false", f"train.out_dir={out}"])
     assert result.returncode == 0, result.stderr[-3000:]
     final = read_metrics(out)[-1]
     assert final["test_images"] == 2000
-    assert final["test_acc"] > 0.3, final  # chance is 0.1; measured ~0.4 here (BENCHMARKS.md)
+    assert final["test_acc"] > 0.3, final  # chance is 0.1; measured 0.37 at this width here (BENCHMARKS.md)

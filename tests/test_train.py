@@ -13,7 +13,7 @@ def test_two_ranks_learn_far_above_chance(straight):
     records = read_metrics(out)
     epochs, final = records[:-1], records[-1]
     assert [r["epoch"] for r in epochs] == [0, 1, 2]
-    assert final["test_acc"] > 0.9 and final["test_images"] == 512  # chance is 0.1
+    assert final["test_acc"] > 0.9 and final["test_images"] == 256  # chance is 0.1
     assert epochs[-1]["val_acc"] > 0.9 and epochs[-1]["train_acc"] > epochs[0]["train_acc"]
     for r in epochs:
         assert {"epoch", "train_loss", "train_acc", "val_acc", "lr", "images_per_sec", "epoch_time_s"} <= set(r)
@@ -52,7 +52,7 @@ def test_plain_python_without_torchrun(tmp_path, tiny):
     result = run_job([*tiny, "train.epochs=1", f"train.out_dir={tmp_path / 'out'}"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "world_size 1" in result.stdout
-    assert read_metrics(tmp_path / "out")[-1]["test_images"] == 512
+    assert read_metrics(tmp_path / "out")[-1]["test_images"] == 256
 
 
 def test_resume_never_refuses_to_overwrite_and_a_finished_run_is_kept(straight, tiny, tmp_path):
@@ -101,7 +101,7 @@ def test_a_width_below_8_trains_contiguous_on_the_cpu_instead_of_corrupting_memo
     saved = load_ckpt(out / "checkpoints" / "last.pt")
     assert saved["config"]["train"]["channels_last"] is True  # the config keeps what was asked
     assert saved["model"]["layer2.0.conv1.weight"].is_contiguous()  # the launch trained contiguous (3x3: strides tell)
-    assert read_metrics(out)[-1]["test_images"] == 512
+    assert read_metrics(out)[-1]["test_images"] == 256
     assert channels_last_note(True, 8, torch.device("cpu")) is None  # 8 and wider: as asked
     assert channels_last_note(True, 4, torch.device("cuda")) is None
     assert channels_last_note(False, 4, torch.device("cpu")) is None
