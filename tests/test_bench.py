@@ -105,7 +105,7 @@ def test_quick_run_writes_every_section_with_positive_figures(tmp_path):
 def test_recipes_trains_each_arm_and_seed_and_reports_mean_and_std(tmp_path):
     """bench.recipes end to end at a tiny size: one job.train child per (arm, seed), the table from their
     metrics.jsonl, the same table again from summary.json; a budget stops a run, which is not counted."""
-    # the later value wins; fp32: the w32 arms train in bf16, which a CPU without AVX512-BF16 emulates 12x slower
+    # fp32 overrides the arms' bf16, which a CPU without AVX512-BF16 emulates 12x slower (the later value wins)
     tiny = [*TINY, "train.precision=fp32"]
     cmd = [sys.executable, "-m", "bench.recipes", "w32", "--only", "w32-base,w32-tta-flip", "--seeds", "0,1",
            "--data-root", str(tmp_path / "unused"), "--out", str(tmp_path / "rec"), "--parallel", "2",
