@@ -1,8 +1,11 @@
 """Shared helpers: run the job as a user would (a subprocess) and read what it wrote."""
 
 import os
+import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -183,6 +186,57 @@ class MlflowServer:
         import mlflow
 
         return mlflow.MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+
+
+class Relay:
+    """A TCP relay on 127.0.0.1 in front of a server, which a test cuts (new connections refused, open ones reset)
+    and restores: the job sees its server go and come back while the server, its store and its port stay up (a
+    server stopped and started again costs ~25 s here)."""
+
+    def __init__(self, target_port: int):
+        self.target, self.port = ("127.0.0.1", target_port), free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.lock, self.open, self.listener = threading.Lock(), [], None
+        self.restore()
+
+    def restore(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", self.port))  # SO_REUSEADDR: the same port again
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        listener, self.listener = self.listener, None
+        listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+        listener.close()
+        with self.lock:
+            conns, self.open = self.open, []
+        for conn in conns:  # a reset, as from a server that died mid-request
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # cut
+                return
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.open += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:  # either side closed or reset
+            pass
 
 
 @pytest.fixture(scope="session")  # one per test worker (~12 CPU-s a start): the tests keep to names of their own

@@ -11,14 +11,15 @@ import pytest
 import torch
 
 from job import train
-from tests.conftest import (ROOT, TINY, TRACKED, MlflowServer, faulty_save_env, free_port, job_env, kill_tree, read_metrics, run_job,
-                            start_job, train_state, wait_until)
+from tests.conftest import (ROOT, TINY, TRACKED, Relay, faulty_save_env, free_port, job_env, kill_tree, read_metrics,
+                            run_job, start_job, train_state, wait_until)
 
 pytestmark = pytest.mark.slow  # a real mlflow server in most tests (tests/conftest.py SLOW_FIXTURES)
 
 
 def tracked(server, name: str, *extra: str) -> list[str]:
-    """A tracked TINY run; without the .pt2 export, which tests/test_serving.py checks (~2.5 s a registration)."""
+    """A TINY run tracked at server.uri (a server's or a relay's); without the .pt2 export, which
+    tests/test_serving.py checks (~2.5 s a registration)."""
     return [*TRACKED, f"mlflow.tracking_uri={server.uri}", f"mlflow.experiment={name}",
             f"mlflow.registered_model={name}", "mlflow.export_pt2=false", *extra]
 
@@ -339,25 +340,26 @@ def test_a_password_in_the_uri_is_refused(tmp_path, capsys):
     assert "error: MLflow tracking URI http://alice:***@127.0.0.1:5000 holds a password" in result.stderr
 
 
-def start_with_own_server(tmp_path, name: str, *extra: str):
-    """(server, out_dir, job) of a job tracked by a server of its own, which the test may stop and start."""
-    (tmp_path / "mlflow").mkdir()
-    server = MlflowServer(tmp_path / "mlflow").start()
+def start_behind_relay(mlflow_server, tmp_path, name: str, *extra: str):
+    """(relay, out_dir, job) of a job tracked through a relay to the server (conftest.Relay), which the test cuts
+    as a server that goes away and restores as one that comes back."""
+    relay = Relay(mlflow_server.port)
     out = tmp_path / "out"
-    return server, out, start_job(tracked(server, name, *extra, f"train.out_dir={out}"))
+    return relay, out, start_job(tracked(relay, name, *extra, f"train.out_dir={out}"))
 
 
-def test_server_gone_mid_run_loses_nothing(tmp_path):
-    server, out, proc = start_with_own_server(tmp_path, "outage", "train.epochs=6", "mlflow.flush_timeout_s=180")
+def test_server_gone_mid_run_loses_nothing(mlflow_server, tmp_path):
+    relay, out, proc = start_behind_relay(mlflow_server, tmp_path, "outage", "train.epochs=6",
+                                          "mlflow.flush_timeout_s=180")
     try:
         wait_for_epoch(out, 0, proc)
-        server.stop()
+        relay.cut()
         wait_for_epoch(out, 2, proc)  # epochs 1 and 2 run while the server is away
-        server.start()
+        relay.restore()
         stdout, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 0, stderr[-3000:]
         assert stderr.count("warning: MLflow unreachable") == 1
-        client = server.client()
+        client = mlflow_server.client()
         run = only_run(client, "outage")
         assert run.info.status == "FINISHED"
         for key in ("train_loss", "val_acc", "epoch_time_s"):
@@ -365,21 +367,20 @@ def test_server_gone_mid_run_loses_nothing(tmp_path):
         assert "test_acc" in run.data.metrics
     finally:
         kill_tree(proc.pid)
-        server.stop()
 
 
-def test_server_gone_for_good_ends_in_one_bounded_wait_that_sigterm_cuts_short_and_exit_3(tmp_path):
-    server, out, proc = start_with_own_server(tmp_path, "gone", "train.epochs=3", "mlflow.flush_timeout_s=600")
+def test_server_gone_for_good_ends_in_one_bounded_wait_that_sigterm_cuts_short_and_exit_3(mlflow_server, tmp_path):
+    relay, out, proc = start_behind_relay(mlflow_server, tmp_path, "gone", "train.epochs=3",
+                                          "mlflow.flush_timeout_s=600")
     try:
         wait_for_epoch(out, 0, proc)
-        server.stop()
+        relay.cut()
         wait_until(lambda: "test_acc" in (out / "metrics.jsonl").read_text(), proc=proc, what="the final record")
         time.sleep(2)  # inside the end-of-run flush, which would wait mlflow.flush_timeout_s (10 minutes)
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         kill_tree(proc.pid)
-        server.stop()
     assert proc.returncode == 3, stderr[-3000:]
     assert stderr.count("warning: MLflow SIGTERM received:") == 1 and "still unreachable" not in stderr
     assert stderr.strip().splitlines()[-1].startswith("error: not everything reached MLflow (")
