@@ -78,10 +78,12 @@ def test_quick_run_writes_every_section_with_positive_figures(tmp_path):
     (tests/test_gpu_check.py);
     the ratios between parts are checked on given figures (above)."""
     out = tmp_path / "bench.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # one thread a child (the DDP part sets its own): two would oversubscribe the cores beside the other test worker
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    result = subprocess.run([sys.executable, "-m", "bench", "--quick", "--parts", "baseline,augment,ddp", "--out",
-                             str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
+    result = subprocess.run([sys.executable, "-m", "bench", "--quick", "--parts", "baseline,augment,ddp", "--threads",
+                             "1", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+                            check=False)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     doc = json.loads(out.read_text())
 
