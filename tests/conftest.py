@@ -2,7 +2,6 @@
 
 import os
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -189,7 +188,7 @@ class MlflowServer:
 
 
 class Relay:
-    """A TCP relay on 127.0.0.1 in front of a server, which a test cuts (new connections refused, open ones reset)
+    """A TCP relay on 127.0.0.1 in front of a server, which a test cuts (new connections refused, open ones ended)
     and restores: the job sees its server go and come back while the server, its store and its port stay up (a
     server stopped and started again costs ~25 s here)."""
 
@@ -209,8 +208,11 @@ class Relay:
         listener.close()
         with self.lock:
             conns, self.open = self.open, []
-        for conn in conns:  # a reset, as from a server that died mid-request
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        for conn in conns:  # ended as by a server that died: its pumps wake, a request under way fails
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:  # the other side has gone already
+                pass
             conn.close()
 
     def _accept(self, listener: socket.socket) -> None:
