@@ -109,8 +109,9 @@ def tiny() -> list[str]:
     return list(TINY)
 
 
-# The runs that several tests read: their users go to one worker, so each runs once; a file's other tests
-# form a group of their own, so that the two workers stay evenly loaded.
+# The runs that several tests read: their users go to one worker, so each runs once; the users of a file's
+# module-scoped fixtures (a Slurm cluster, a tracked run) go together; every other test goes wherever a worker is
+# free, so that the two workers stay evenly loaded to the end.
 SHARED_RUNS = ("straight", "two_ranks")
 # Fixtures that start several ranks or servers: their users are `slow` (`pytest -m "not slow"` leaves them out, as
 # does a file that marks itself slow: those that launch torchrun, Slurm or a model server in most tests).
@@ -119,11 +120,13 @@ SLOW_FIXTURES = (*SHARED_RUNS, "mlflow_server", "cluster")
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(items) -> None:
-    """pytest-xdist (--dist loadgroup) keeps each file on one worker (module fixtures such as the Slurm cluster
-    run once), except that the users of a shared run (SHARED_RUNS) go together."""
+    """pytest-xdist (--dist loadgroup) runs the users of a shared run (SHARED_RUNS) on one worker, and those of a
+    file's module-scoped fixtures on one worker (such a fixture then runs once); other tests go one by one."""
     for item in items:
         shared = next((name for name in SHARED_RUNS if name in item.fixturenames), None)
-        item.add_marker(pytest.mark.xdist_group(shared or item.module.__name__))
+        defs = item._fixtureinfo.name2fixturedefs.values()  # pytest has no public reader of a fixture's scope
+        if shared or any(d.scope == "module" for chain in defs for d in chain):
+            item.add_marker(pytest.mark.xdist_group(shared or item.module.__name__))
         if set(SLOW_FIXTURES) & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
 
