@@ -32,6 +32,8 @@ TRACKED = [a for a in TINY if not a.startswith("mlflow.")]  # TINY for a run tha
 def job_env(**extra: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
+    for key in [k for k in env if k.startswith("MLFLOW_HTTP_REQUEST_")]:  # set in this process by an in-process
+        env.pop(key)  # test's job.mlflow_env.fail_fast(): a job would take them for the user's own (USER_SET)
     env.update(extra)
     return env
 
@@ -124,8 +126,9 @@ def pytest_collection_modifyitems(items) -> None:
     file's module-scoped fixtures on one worker (such a fixture then runs once); other tests go one by one."""
     for item in items:
         shared = next((name for name in SHARED_RUNS if name in item.fixturenames), None)
-        defs = item._fixtureinfo.name2fixturedefs.values()  # pytest has no public reader of a fixture's scope
-        if shared or any(d.scope == "module" for chain in defs for d in chain):
+        info = getattr(item, "_fixtureinfo", None)  # pytest has no public reader of a fixture's scope: without
+        defs = info.name2fixturedefs.values() if info else [[item]]  # it, every test groups with its file
+        if shared or any(getattr(d, "scope", "module") == "module" for chain in defs for d in chain):
             item.add_marker(pytest.mark.xdist_group(shared or item.module.__name__))
         if set(SLOW_FIXTURES) & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
@@ -206,17 +209,20 @@ class Relay:
         threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
 
     def cut(self) -> None:
-        listener, self.listener = self.listener, None
+        with self.lock:  # a connection accepted from here on is closed by _accept, not relayed
+            listener, self.listener = self.listener, None
+            conns = list(self.open)
         listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
         listener.close()
-        with self.lock:
-            conns, self.open = self.open, []
         for conn in conns:  # ended as by a server that died: its pumps wake, a request under way fails
             try:
                 conn.shutdown(socket.SHUT_RDWR)
             except OSError:  # the other side has gone already
                 pass
-            conn.close()
+
+    def close(self) -> None:
+        if self.listener is not None:
+            self.cut()
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
@@ -230,18 +236,33 @@ class Relay:
                 client.close()
                 continue
             with self.lock:
-                self.open += [client, upstream]
+                relayed = listener is self.listener  # not cut meanwhile
+                if relayed:
+                    self.open += [client, upstream]
+            if not relayed:
+                client.close()
+                upstream.close()
+                return
+            done = threading.Barrier(2, action=lambda c=client, u=upstream: self._forget(c, u))
             for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+                threading.Thread(target=self._pump, args=(a, b, done), daemon=True).start()
+
+    def _forget(self, *conns: socket.socket) -> None:
+        """Both directions have ended: the connection's sockets are closed (by the last of its two pumps)."""
+        with self.lock:
+            self.open = [c for c in self.open if c not in conns]
+        for conn in conns:
+            conn.close()
 
     @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _pump(src: socket.socket, dst: socket.socket, done: threading.Barrier) -> None:
         try:
             while data := src.recv(65536):
                 dst.sendall(data)
             dst.shutdown(socket.SHUT_WR)
         except OSError:  # either side closed or reset
             pass
+        done.wait()
 
 
 @pytest.fixture(scope="session")  # one per test worker (~12 CPU-s a start): the tests keep to names of their own

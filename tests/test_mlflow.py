@@ -367,6 +367,7 @@ def test_server_gone_mid_run_loses_nothing(mlflow_server, tmp_path):
         assert "test_acc" in run.data.metrics
     finally:
         kill_tree(proc.pid)
+        relay.close()
 
 
 def test_server_gone_for_good_ends_in_one_bounded_wait_that_sigterm_cuts_short_and_exit_3(mlflow_server, tmp_path):
@@ -381,6 +382,7 @@ def test_server_gone_for_good_ends_in_one_bounded_wait_that_sigterm_cuts_short_a
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         kill_tree(proc.pid)
+        relay.close()
     assert proc.returncode == 3, stderr[-3000:]
     assert stderr.count("warning: MLflow SIGTERM received:") == 1 and "still unreachable" not in stderr
     assert stderr.strip().splitlines()[-1].startswith("error: not everything reached MLflow (")

@@ -22,9 +22,12 @@ def test_a_second_launch_on_a_busy_out_dir_refuses_and_the_first_finishes_untouc
     try:
         wait_until(lambda: (out / "metrics.jsonl").exists(), proc=first, what="the first launch to train")
         os.killpg(first.pid, signal.SIGSTOP)  # held mid-run, lock and all: a fast machine must not finish it first
-        assert first.poll() is None, "the first launch ended before the second could meet it"
-        second = run_job([*TINY, "train.epochs=3", f"train.out_dir={out}"], timeout=120)
-        os.killpg(first.pid, signal.SIGCONT)
+        try:
+            assert first.poll() is None and (out / ".owner").read_text() and not (out / "finished.json").exists(), \
+                "the first launch finished before the second could meet it"
+            second = run_job([*TINY, "train.epochs=3", f"train.out_dir={out}"], timeout=120)
+        finally:
+            os.killpg(first.pid, signal.SIGCONT)
         assert second.returncode == 1 and second.stdout == ""
         line = second.stderr.strip()
         assert line.count("\n") == 0, second.stderr
