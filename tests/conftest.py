@@ -29,11 +29,20 @@ COMMON = [*TINY, "train.epochs=3"]
 TRACKED = [a for a in TINY if not a.startswith("mlflow.")]  # TINY for a run that an MLflow test's URI tracks
 
 
+@pytest.fixture(autouse=True)
+def _environment_kept():
+    """What a test's in-process job code sets in os.environ (job.mlflow_env.fail_fast's MLflow HTTP settings) ends
+    with the test: a job started later, by any test, would take it for its user's own."""
+    saved = dict(os.environ)
+    yield
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def job_env(**extra: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    for key in [k for k in env if k.startswith("MLFLOW_HTTP_REQUEST_")]:  # set in this process by an in-process
-        env.pop(key)  # test's job.mlflow_env.fail_fast(): a job would take them for the user's own (USER_SET)
     env.update(extra)
     return env
 
@@ -126,9 +135,10 @@ def pytest_collection_modifyitems(items) -> None:
     file's module-scoped fixtures on one worker (such a fixture then runs once); other tests go one by one."""
     for item in items:
         shared = next((name for name in SHARED_RUNS if name in item.fixturenames), None)
-        info = getattr(item, "_fixtureinfo", None)  # pytest has no public reader of a fixture's scope: without
-        defs = info.name2fixturedefs.values() if info else [[item]]  # it, every test groups with its file
-        if shared or any(getattr(d, "scope", "module") == "module" for chain in defs for d in chain):
+        # pytest has no public reader of a fixture's scope; without its private one, every test groups with its file
+        info = getattr(item, "_fixtureinfo", None)
+        scopes = {d.scope for defs in info.name2fixturedefs.values() for d in defs} if info else {"module"}
+        if shared or "module" in scopes:
             item.add_marker(pytest.mark.xdist_group(shared or item.module.__name__))
         if set(SLOW_FIXTURES) & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
